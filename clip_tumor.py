@@ -39,7 +39,8 @@ MLP_HIDDEN = 512                # "Linear 768 to 512 with BatchNorm/ReLU, Linear
 
 # A tiny ViT for --demo and the tests: same code paths, random weights, seconds to train.
 TINY_CONFIG = {"embed_dim": 64,
-               "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 8},
+               "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32,
+                              "patch_size": 8},
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4,
                             "layers": 2}}
 
@@ -197,7 +198,7 @@ def demo_arguments(workdir):
         data.write_synthetic_dataset(data_dir, per_class=60, seed=0)
     with open(config, "w") as f:
         json.dump(TINY_CONFIG, f)
-    return ["--data", data_dir, "--model", config, "--pretrained", "none", "--epochs", "6",
+    return ["--data", data_dir, "--model", config, "--pretrained", "none", "--epochs", "20",
             "--views", "2", "--lr", "1e-3", "--cache-dir", os.path.join(workdir, "cache"),
             "--out", "runs/clip-demo", "--overwrite"]
 

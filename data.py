@@ -185,7 +185,7 @@ def load_rgb(path):
         pixels = np.asarray(image, dtype=np.float64)
         low, high = pixels.min(), pixels.max()
         pixels = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
-        image = Image.fromarray(pixels.round().astype(np.uint8), mode="L")
+        image = Image.fromarray(pixels.round().astype(np.uint8))  # mode L
     return image.convert("RGB")
 
 
@@ -236,7 +236,7 @@ def synth_image(label, rng, size=96):
                  fill=int(rng.uniform(50, 70)))  # ventricles
     name = CLASSES[label]
     if name == "glioma":
-        r = size * rng.uniform(0.10, 0.14)
+        r = size * rng.uniform(0.12, 0.16)
         x = cx + rng.choice([-1, 1]) * rx * rng.uniform(0.35, 0.5)
         y = cy + ry * rng.uniform(-0.4, 0.1)
         draw.ellipse([x - r, y - r * 1.2, x + r, y + r * 1.2], fill=int(rng.uniform(200, 240)))
@@ -252,7 +252,7 @@ def synth_image(label, rng, size=96):
         draw.ellipse([x - r, y - r, x + r, y + r], fill=int(rng.uniform(220, 255)))
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.2)))
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size, size))
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # mode L
 
 
 def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):

@@ -294,14 +294,15 @@ def train(model, train_inputs, select_inputs, args, out_dir, device, ctx, checkp
     class_weight = (balanced_class_weights(train_inputs.labels.numpy(), model.n_classes).to(device)
                     if args.class_weights else None)
     loss_fn = make_loss(args.loss, class_weight)
-    start_epoch, best_accuracy, best_epoch, history = 0, -1.0, -1, []
+    start_epoch, best_accuracy, best_loss, best_epoch, history = 0, -1.0, math.inf, -1, []
     if checkpoint is not None:  # --resume: everything the next epoch depends on
         load_trainable_state(model, checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         torch.set_rng_state(checkpoint["torch_rng"])
         start_epoch = checkpoint["epoch"] + 1
-        best_accuracy, best_epoch = checkpoint["best_accuracy"], checkpoint["best_epoch"]
+        best_accuracy, best_loss = checkpoint["best_accuracy"], checkpoint["best_loss"]
+        best_epoch = checkpoint["best_epoch"]
         history = checkpoint["history"]
 
     n = len(train_inputs)
@@ -336,12 +337,14 @@ def train(model, train_inputs, select_inputs, args, out_dir, device, ctx, checkp
                         "train_accuracy": correct / seen, "select_loss": select_loss,
                         "select_accuracy": select_accuracy, "lr": optimizer.param_groups[0]["lr"],
                         "seconds": time.time() - started})
-        if select_accuracy > best_accuracy:  # first epoch wins ties
-            best_accuracy, best_epoch = select_accuracy, epoch + 1
+        # best epoch: highest selection accuracy; a tie (common on small sets) goes to lower loss
+        if (select_accuracy, -select_loss) > (best_accuracy, -best_loss):
+            best_accuracy, best_loss, best_epoch = select_accuracy, select_loss, epoch + 1
             atomic_save({"model": trainable_state(model), "epoch": epoch + 1}, f"{out_dir}/best.pt")
         atomic_save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch,
-                     "best_accuracy": best_accuracy, "best_epoch": best_epoch,
+                     "best_accuracy": best_accuracy, "best_loss": best_loss,
+                     "best_epoch": best_epoch,
                      "history": history, "torch_rng": torch.get_rng_state(),
                      "config": vars(args)}, f"{out_dir}/checkpoint.pt")
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {total_loss / seen:.4f} "
@@ -499,6 +502,7 @@ def run_one(args, build_model, default_out):
     stats.plot_confusion_matrix(np.array(metrics["test"]["confusion_matrix"]), model.class_names,
                                 os.path.join(out_dir, "confusion_matrix.png"),
                                 f"test accuracy {metrics['test']['accuracy']:.4f}")
+    stats.plot_run_figures(y_test, test_probs, model.class_names, out_dir)  # ROC, PR, reliability
     if history:
         plot_curves(history, os.path.join(out_dir, "curves.png"), select_name)
     print(f"test accuracy {metrics['test']['accuracy']:.4f}, macro-F1 "

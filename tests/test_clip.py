@@ -27,7 +27,7 @@ def run_args(synth_dir, config, tmp_path, *extra):
 
 def test_cls_only_block_equals_full_block(tiny_clip_config):
     model = tiny_model(tiny_clip_config)
-    tokens = torch.randn(3, 65, 64)
+    tokens = torch.randn(3, 65, 128)
     block = model.top_blocks[-1]
     full = block(tokens)[:, :1]
     assert torch.allclose(clip_tumor.cls_only_block(block, tokens), full, atol=1e-5)
@@ -127,7 +127,7 @@ def test_interrupted_cache_write_leaves_no_entry(tmp_path, monkeypatch):
 def test_training_learns_synthetic_set_and_writes_run_folder(tiny_clip_config, synth_dir,
                                                              tmp_path):
     out = tmp_path / "run"
-    metrics = clip_tumor.main(run_args(synth_dir, tiny_clip_config, tmp_path, "--epochs", "6",
+    metrics = clip_tumor.main(run_args(synth_dir, tiny_clip_config, tmp_path, "--epochs", "20",
                                        "--out", str(out)))
     assert metrics["test"]["accuracy"] >= 0.9
     for name in ("config.json", "metrics.json", "predictions.csv", "report.txt",
