@@ -21,7 +21,9 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -396,20 +398,18 @@ def prepare_out_dir(args, default_out):
 
 def run(args, build_model, default_out):
     """One training run (or one per --seeds seed) from parsed arguments; returns metrics."""
-    if args.seeds:
-        seeds = [int(s) for s in args.seeds.split(",")]
+    if args.seeds:  # one run per seed in OUT/seed<N>/, then mean +- std in OUT/summary.json
+        base = args.out or default_out.rsplit("-seed", 1)[0] + "-seeds"
         run_dirs = []
-        for seed in seeds:
+        for seed in [int(s) for s in args.seeds.split(",")]:
             one = copy.copy(args)
-            one.seed, one.seeds = seed, None
-            one.out = os.path.join(args.out or os.path.dirname(default_out), f"seed{seed}") \
-                if args.out else default_out.replace(f"seed{args.seed}", f"seed{seed}")
+            one.seed, one.seeds, one.out = seed, None, os.path.join(base, f"seed{seed}")
             run_one(one, build_model, one.out)
             run_dirs.append(one.out)
         summary = stats.summarize_runs(run_dirs)
-        summary_path = os.path.join(os.path.dirname(os.path.abspath(run_dirs[0])), "summary.json")
-        write_json(summary, summary_path)
-        print(f"mean +- std over seeds {seeds}: {summary_path}")
+        write_json(summary, os.path.join(base, "summary.json"))
+        print(stats.format_summary(summary))
+        print(f"mean +- std over {len(run_dirs)} seeds written to {base}/summary.json")
         return summary
     return run_one(args, build_model, default_out)
 
@@ -513,14 +513,18 @@ def run_one(args, build_model, default_out):
 
 # ---- benchmark ---------------------------------------------------------------------------------
 
-def median_ms(fn, repeats):
-    fn()  # warm-up: allocator, kernel selection
-    times = []
+def interleaved_medians(timed, repeats):
+    """Median seconds of each function, timed in rounds (a, b, c, a, b, c, ...) so that load
+    from other processes falls on all of them alike and their ratios stay meaningful."""
+    for fn in timed.values():
+        fn()  # warm-up: allocator, kernel selection
+    times = {name: [] for name in timed}
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * float(np.median(times))
+        for name, fn in timed.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def benchmark(model, batch_size=BATCH_SIZE, repeats=5):
@@ -544,16 +548,22 @@ def benchmark(model, batch_size=BATCH_SIZE, repeats=5):
         with torch.no_grad():
             model.stem(images)
 
-    model.train()
-    result = {
-        "stem_ms": median_ms(stem, repeats) / batch_size,
-        "naive_ms": median_ms(step(lambda: model(images)), repeats) / batch_size,
-        "cached_ms": median_ms(step(lambda: model.top(features, cls_only=False)), repeats)
-        / batch_size,
-        "cached_cls_ms": median_ms(step(lambda: model.top(features)), repeats) / batch_size,
-    }
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    result["gemm_gflops"] = 2 * 2048 ** 3 / median_ms(lambda: a @ b, repeats) / 1e6
+    cache = FeatureCache(tempfile.mkdtemp(), {"benchmark": True})  # fp16 entries, page cache
+    keys = [f"{i:040x}" for i in range(batch_size)]
+    for key, feature in zip(keys, features):
+        cache.put(key, 0, feature)
+    model.train()
+    seconds = interleaved_medians({
+        "cache_read_ms": lambda: cache.get(keys, [0] * batch_size),
+        "stem_ms": stem,
+        "naive_ms": step(lambda: model(images)),
+        "cached_ms": step(lambda: model.top(features, cls_only=False)),
+        "cached_cls_ms": step(lambda: model.top(features)),
+        "gemm": lambda: a @ b}, repeats)
+    result = {name: 1000 * s / batch_size for name, s in seconds.items() if name != "gemm"}
+    result["gemm_gflops"] = 2 * 2048 ** 3 / seconds["gemm"] / 1e9
+    shutil.rmtree(os.path.dirname(cache.dir))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["batch_size"], result["threads"] = batch_size, torch.get_num_threads()
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
