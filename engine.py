@@ -382,6 +382,25 @@ def plot_curves(history, path, select_on):
     plt.close(fig)
 
 
+def leak_free_metrics(args, parts, test_probs, class_names):
+    """Metrics on the official test images that have no copy (exact, flipped, rotated,
+    intensity-changed or re-encoded) in the training folder (data.py's leak audit)."""
+    leaky = data.test_paths_with_train_copy(
+        args.data, [s.path for s in parts["train"] + parts["val"]],
+        [s.path for s in parts["test"]], cache_dir=args.cache_dir)
+    keep = np.array([s.path not in leaky for s in parts["test"]])
+    y_true = np.array([s.label for s in parts["test"]])[keep]
+    if not keep.any():
+        print("every test image has a copy in training: no leak-free test metrics")
+        return None
+    section = stats.metrics_dict(y_true, test_probs[keep].argmax(1), test_probs[keep],
+                                 class_names)
+    section["n_test_with_train_copy"] = len(leaky)
+    print(f"{len(leaky)} of {len(keep)} test images have a copy in training; on the other "
+          f"{keep.sum()}: accuracy {section['accuracy']:.4f}, macro-F1 {section['macro_f1']:.4f}")
+    return section
+
+
 def prepare_out_dir(args, default_out):
     out = args.resume or args.out or default_out
     if not args.resume and os.path.isdir(out) and os.listdir(out):
@@ -491,6 +510,8 @@ def run_one(args, build_model, default_out):
         metrics[name]["loss"] = loss
         if name == "test":
             test_probs = probs
+    if splits.source == "official":  # the official test set holds copies of training images
+        metrics["test_leak_free"] = leak_free_metrics(args, parts, test_probs, model.class_names)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
     write_predictions(os.path.join(out_dir, "predictions.csv"), parts["test"], test_probs,
                       model.class_names)

@@ -206,3 +206,16 @@ def test_seeds_run_each_seed_and_summarise(tiny_clip_config, synth_dir, tmp_path
     assert summary["metrics"]["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
     assert summary["metrics"]["accuracy"]["std"] == pytest.approx(np.std(accuracies, ddof=1))
     assert json.loads((out / "summary.json").read_text())["n_runs"] == 2
+
+
+def test_official_split_also_reports_the_leak_free_test_part(tiny_clip_config, tmp_path):
+    """A mirrored copy of a training image placed in Testing/ is excluded from test_leak_free."""
+    from PIL import Image, ImageOps
+    root = data.write_synthetic_dataset(str(tmp_path / "data"), per_class=8, seed=3)
+    original = Image.open(os.path.join(root, "Training", "glioma", "glioma_0002.jpg"))
+    ImageOps.mirror(original).save(os.path.join(root, "Testing", "glioma", "copy.png"))
+    metrics = clip_tumor.main(run_args(root, tiny_clip_config, tmp_path, "--epochs", "0",
+                                       "--out", str(tmp_path / "run")))
+    leak_free = metrics["test_leak_free"]
+    assert leak_free["n_test_with_train_copy"] == 1
+    assert leak_free["n"] == metrics["test"]["n"] - 1 == 20
