@@ -1,0 +1,196 @@
+"""CNN baselines: the stage split equals the library's forward, frozen stages stay frozen,
+weights load or fail clearly, training works. From-scratch weights only: nothing is downloaded."""
+import json
+import urllib.error
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import baselines
+import engine
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny (64 px): one thread is about as fast as two and, on a CPU shared
+    with other jobs, does not stall waiting for a busy core (measured: 9 min vs 80 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(name="resnet18", train_from=None, size=64, seed=0, pretrained="none"):
+    argv = ["--model", name, "--pretrained", pretrained, "--image-size", str(size),
+            "--seed", str(seed)] + (["--train-from", train_from] if train_from else [])
+    args = baselines.parse_args(argv)
+    return baselines.build_model(args), args
+
+
+def run_args(synth_dir, tmp_path, *extra):
+    return ["--data", synth_dir, "--model", "resnet18", "--pretrained", "none",
+            "--image-size", "64", "--views", "2", "--lr", "1e-3",
+            "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+@pytest.mark.parametrize("name, train_from, first_stages, classifier", [
+    ("resnet18", "layer3", ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"], "fc"),
+    ("densenet121", "denseblock4", ["conv0", "norm0", "relu0", "pool0", "denseblock1"],
+     "classifier"),
+    ("xception", "block12", ["conv1", "bn1", "act1", "conv2", "bn2", "act2", "block1"], "fc"),
+])
+def test_cached_path_gives_same_logits_and_gradients_as_full_forward(name, train_from,
+                                                                     first_stages, classifier):
+    model, args = small_model(name, train_from)
+    stem_names = [n for n, _ in model.frozen_stages]
+    assert stem_names[:len(first_stages)] == first_stages and stem_names[-1] != train_from
+    assert model.trainable_stages[0][0] == train_from and not args.no_cache
+    assert model.network.get_submodule(classifier).out_features == 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert f"network.{classifier}.weight" in trainable
+    assert not any(p.requires_grad for _, stage in model.frozen_stages
+                   for p in stage.parameters())
+
+    model.train()  # BatchNorm of the trainable stages uses batch statistics in both paths
+    images = torch.rand(4, 3, 64, 64)
+    labels = torch.tensor([0, 1, 2, 3])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def logits_and_grads(forward):
+        logits = forward()
+        return logits.detach(), torch.autograd.grad(F.cross_entropy(logits, labels), params)
+
+    full_logits, full_grads = logits_and_grads(lambda: model(images))
+    model.eval()  # the cache is built in eval mode (engine.build_cache), training is not
+    with torch.no_grad():
+        features = model.stem(images)
+    model.train()
+    cached_logits, cached_grads = logits_and_grads(lambda: model.top(features))
+    assert torch.allclose(cached_logits, full_logits, atol=1e-4)
+    for g_full, g_cached in zip(full_grads, cached_grads):
+        assert torch.allclose(g_cached, g_full, atol=1e-4)
+
+
+def test_split_reproduces_torchvision_forward_exactly():
+    """Our stem + top with the 1000-class layer kept equals torchvision's resnet18 itself."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18().eval()
+    stages, head = baselines.torchvision_stages(reference)
+    model = baselines.CNNClassifier(reference, stages, head, "layer4", "resnet18", "none",
+                                    baselines.IMAGENET_MEAN, baselines.IMAGENET_STD, 64)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        theirs = reference((images - model.mean) / model.std)
+        ours = model.top(model.stem(images))
+    assert ours.shape == (2, 1000) and torch.allclose(ours, theirs, atol=1e-5)
+    assert model.stem(images).shape == (2, 256, 4, 4)  # layer3's output at 64 px: stride 16
+
+
+def test_frozen_batchnorm_statistics_do_not_change_in_training():
+    model, _ = small_model("resnet18", "layer4")
+    frozen_mean = model.network.layer3[0].bn1.running_mean.clone()
+    trainable_mean = model.network.layer4[0].bn1.running_mean.clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()  # what engine.train does every epoch
+    assert not model.network.layer3.training and model.network.layer4.training
+    loss = F.cross_entropy(model(torch.rand(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(model.network.layer3[0].bn1.running_mean, frozen_mean)
+    assert not torch.equal(model.network.layer4[0].bn1.running_mean, trainable_mean)
+
+
+def test_full_fine_tuning_trains_everything_and_caches_nothing():
+    model, args = small_model("resnet18")
+    assert args.no_cache and model.frozen_stages == []
+    assert all(p.requires_grad for p in model.parameters())
+    images = torch.rand(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.top(model.stem(images)), model(images), atol=1e-6)
+
+
+def test_cache_key_names_the_stem():
+    a, _ = small_model("resnet18", "layer4", seed=0)
+    b, _ = small_model("resnet18", "layer3", seed=0)
+    c, _ = small_model("resnet18", "layer4", seed=1)
+    assert a.cache_key["stem_stages"][-1] == "layer3" and a.cache_key["train_from"] == "layer4"
+    assert a.cache_key["frozen_digest"] != c.cache_key["frozen_digest"]  # other random weights
+    assert len({json.dumps(m.cache_key, sort_keys=True) for m in (a, b, c)}) == 3
+
+
+def test_unknown_stage_and_unknown_model_are_clear():
+    with pytest.raises(SystemExit, match="layer1, layer2, layer3, layer4"):
+        small_model("resnet18", "layer5")
+    with pytest.raises(SystemExit, match="unknown"):
+        small_model("no_such_net")
+
+
+def test_local_weights_file_round_trip_and_mismatch(tmp_path):
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18()  # as saved from an ImageNet model: 1000 classes
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model, _ = small_model("resnet18", "layer4", pretrained=str(path), seed=0)
+    ours = model.network.state_dict()
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(ours[key], value), key
+    assert ours["fc.weight"].shape == (4, 512)  # the classifier is replaced after loading
+    assert model.cache_key["weights"].startswith("file:")
+
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(SystemExit, match="unexpected"):
+        small_model("resnet18", pretrained=str(tmp_path / "resnet34.pth"))
+
+
+@pytest.mark.parametrize("name, library, function, source", [
+    ("resnet50", torchvision.models, "get_model", "resnet50-11ad3fa6.pth"),
+    ("xception", timm, "create_model", "xception-43020ad28.pth"),
+    ("xception65", timm, "create_model", "huggingface.co/timm/xception65"),
+])
+def test_unavailable_weights_give_one_clear_message(monkeypatch, name, library, function,
+                                                    source):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(library, function, offline)
+    with pytest.raises(SystemExit, match="--pretrained /path/to/file") as error:
+        baselines.load_network(name, "default", 4)
+    assert source in str(error.value) and "--pretrained none" in str(error.value)
+
+
+def test_training_learns_synthetic_set_and_writes_run_folder(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = baselines.main(run_args(synth_dir, tmp_path, "--epochs", "5", "--out", str(out)))
+    assert metrics["test"]["accuracy"] >= 0.9 and not metrics["cached"]
+    for name in ("config.json", "metrics.json", "predictions.csv", "report.txt",
+                 "confusion_matrix.png", "curves.png", "checkpoint.pt", "best.pt"):
+        assert (out / name).is_file(), name
+
+
+def test_resume_with_train_from_gives_same_result(synth_dir, tmp_path, monkeypatch):
+    extra = ("--train-from", "layer3", "--epochs", "2")
+    whole = baselines.main(run_args(synth_dir, tmp_path, *extra, "--out", str(tmp_path / "a")))
+    assert whole["cached"]
+    saves = []
+    original = engine.atomic_save
+
+    def killed_after_first_epoch(obj, path):
+        original(obj, path)
+        if path.endswith("checkpoint.pt"):
+            saves.append(path)
+            if len(saves) == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "atomic_save", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        baselines.main(run_args(synth_dir, tmp_path, *extra, "--out", str(tmp_path / "b")))
+    resumed = baselines.main(["--resume", str(tmp_path / "b")])
+    assert resumed["best_epoch"] == whole["best_epoch"]
+    for part in ("train", "val", "test"):
+        assert resumed[part]["accuracy"] == whole[part]["accuracy"]
+        assert resumed[part]["loss"] == pytest.approx(whole[part]["loss"], abs=1e-6)
