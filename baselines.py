@@ -27,10 +27,7 @@ layers, 128 px, 5 epochs on the Kaggle set (official split): test accuracy 0.962
 images): 98-100 % test accuracy in 1.5-2 minutes per model.
 """
 import argparse
-import json
 import os
-import sys
-import tempfile
 
 import timm
 import torch
@@ -262,7 +259,8 @@ def load_network(model_name, pretrained, n_classes):
 
 def build_model(args):
     engine.set_seed(args.seed)  # from-scratch weights and the new 4-class layer depend on the seed
-    network, split, weights, mean, std = load_network(args.model, args.pretrained,
+    pretrained = "none" if args.benchmark else args.pretrained  # benchmark: random weights
+    network, split, weights, mean, std = load_network(args.model, pretrained,
                                                       len(data.CLASSES))
     name = args.model.removeprefix("timm:")
     if args.train_from and split is None:
@@ -291,15 +289,15 @@ def build_model(args):
 
 # ---- main --------------------------------------------------------------------------------------
 
-def demo_arguments(workdir, model):
+def demo_arguments(workdir, args):
     """Synthetic data and the model from scratch at 64 px: the whole pipeline offline."""
     data_dir = os.path.join(workdir, "data")
     if not os.path.isdir(data_dir):
         data.write_synthetic_dataset(data_dir, per_class=60, seed=0)
-    return ["--data", data_dir, "--model", model, "--pretrained", "none",
+    return ["--data", data_dir, "--model", args.model, "--pretrained", "none",
             "--image-size", str(DEMO_IMAGE_SIZE), "--epochs", "10", "--views", "2",
-            "--lr", "1e-3", "--cache-dir", os.path.join(workdir, "cache"),
-            "--out", f"runs/cnn-{model.removeprefix('timm:')}-demo", "--overwrite"]
+            "--lr", "1e-3", "--cache-dir", os.path.join(workdir, "cache"), "--seed", str(args.seed),
+            "--out", f"runs/cnn-{args.model.removeprefix('timm:')}-demo", "--overwrite"]
 
 
 def parse_args(argv=None):
@@ -323,20 +321,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.demo:
-        workdir = os.path.join(tempfile.gettempdir(), "tumor-vlm-demo")
-        os.makedirs(workdir, exist_ok=True)
-        args = parse_args(demo_arguments(workdir, args.model) + ["--seed", str(args.seed)])
-    if args.benchmark:
-        args.pretrained, args.epochs = "none", 1
-        print(json.dumps(engine.benchmark(build_model(args))))
-        return
-    name = args.model.removeprefix("timm:")
-    try:
-        return engine.run(args, build_model, f"runs/cnn-{name}-seed{args.seed}")
-    except data.DataError as error:
-        sys.exit(f"error: {error}")
+    run_name = lambda args: "cnn-" + args.model.removeprefix("timm:")
+    return engine.main(argv, parse_args, build_model, demo_arguments, run_name)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,8 @@ so there block 12 runs in full). Measured on a quiet 2-core CPU (README, BLIP se
 for the full network; `--demo` reaches 96.7% test accuracy in 9 s.
 """
 import argparse
-import json
 import math
 import os
-import sys
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -308,7 +305,7 @@ def build_model(args):
 
 # ---- main --------------------------------------------------------------------------------------
 
-def demo_arguments(workdir):
+def demo_arguments(workdir, args):
     """Synthetic data and a tiny random-weight BLIP: the whole pipeline offline in a few minutes."""
     data_dir, weights = os.path.join(workdir, "data"), os.path.join(workdir, "blip-tiny")
     if not os.path.isdir(data_dir):
@@ -337,21 +334,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.demo:
-        workdir = os.path.join(tempfile.gettempdir(), "tumor-vlm-demo")
-        os.makedirs(workdir, exist_ok=True)
-        args = parse_args(demo_arguments(workdir))
-        torch.set_num_threads(1)  # a tiny model gains nothing from 2; on a busy CPU they stall
-    if args.benchmark:
-        args.epochs = 1
-        print(json.dumps(engine.benchmark(build_model(args))))
-        return
-    name = os.path.basename(os.path.normpath(args.weights))
-    try:
-        return engine.run(args, build_model, f"runs/blip-{name}-seed{args.seed}")
-    except data.DataError as error:
-        sys.exit(f"error: {error}")
+    run_name = lambda args: "blip-" + os.path.basename(os.path.normpath(args.weights))
+    return engine.main(argv, parse_args, build_model, demo_arguments, run_name)
 
 
 if __name__ == "__main__":

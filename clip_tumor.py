@@ -19,8 +19,6 @@ Measured on a 2-core CPU (README, `--benchmark`): see the README's speed table.
 import argparse
 import json
 import os
-import sys
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -183,7 +181,8 @@ def load_clip(model_name, pretrained):
 
 def build_model(args):
     engine.set_seed(args.seed)  # random-init weights (--pretrained none) depend on the seed
-    clip_model, tokenizer, weights = load_clip(args.model, args.pretrained)
+    pretrained = "none" if args.benchmark else args.pretrained  # benchmark: random weights
+    clip_model, tokenizer, weights = load_clip(args.model, pretrained)
     name = os.path.splitext(os.path.basename(args.model))[0]
     head = "cosine" if args.epochs == 0 else args.head
     return CLIPClassifier(clip_model, tokenizer, head, name, weights)
@@ -191,7 +190,7 @@ def build_model(args):
 
 # ---- main --------------------------------------------------------------------------------------
 
-def demo_arguments(workdir):
+def demo_arguments(workdir, args):
     """Synthetic data and a tiny random-weight ViT: the whole pipeline offline in about a minute."""
     data_dir, config = os.path.join(workdir, "data"), os.path.join(workdir, "clip-tiny.json")
     if not os.path.isdir(data_dir):
@@ -219,20 +218,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.demo:
-        workdir = os.path.join(tempfile.gettempdir(), "tumor-vlm-demo")
-        os.makedirs(workdir, exist_ok=True)
-        args = parse_args(demo_arguments(workdir))
-    if args.benchmark:
-        args.pretrained, args.epochs = "none", 1
-        print(json.dumps(engine.benchmark(build_model(args))))
-        return
-    name = os.path.splitext(os.path.basename(args.model))[0]
-    try:
-        return engine.run(args, build_model, f"runs/clip-{name}-seed{args.seed}")
-    except data.DataError as error:
-        sys.exit(f"error: {error}")
+    run_name = lambda args: "clip-" + os.path.splitext(os.path.basename(args.model))[0]
+    return engine.main(argv, parse_args, build_model, demo_arguments, run_name)
 
 
 if __name__ == "__main__":

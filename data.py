@@ -18,7 +18,6 @@ reuses the same cached views. Each epoch draws one view per training image.
 import argparse
 import csv
 import hashlib
-import io
 import math
 import os
 import sys

@@ -532,6 +532,28 @@ def run_one(args, build_model, default_out):
     return metrics
 
 
+def main(argv, parse_args, build_model, demo_arguments, run_name):
+    """The command line every training script shares: --demo, --benchmark, or a run.
+
+    demo_arguments(workdir, args) -> the demo's argv; run_name(args) -> e.g. "clip-ViT-B-16".
+    A script's build_model builds random weights when args.benchmark is set (no download).
+    """
+    args = parse_args(argv)
+    if args.demo:
+        workdir = os.path.join(tempfile.gettempdir(), "tumor-vlm-demo")
+        os.makedirs(workdir, exist_ok=True)
+        args = parse_args(demo_arguments(workdir, args))
+        torch.set_num_threads(1)  # a tiny model gains nothing from 2 threads; on a busy CPU they stall
+    if args.benchmark:
+        args.epochs = 1
+        print(json.dumps(benchmark(build_model(args))))
+        return None
+    try:
+        return run(args, build_model, f"runs/{run_name(args)}-seed{args.seed}")
+    except data.DataError as error:
+        sys.exit(f"error: {error}")
+
+
 # ---- benchmark ---------------------------------------------------------------------------------
 
 def interleaved_medians(timed, repeats):
