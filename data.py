@@ -766,7 +766,7 @@ def load_copy_links(cache_dir, file_keys):
     return None
 
 
-def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None):
+def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None, exclude=()):
     """The test paths (same strings as given) with an exact or transformed copy in train_paths.
 
     Accuracy on the other test paths is the leak-free figure. The first call compares every image
@@ -774,7 +774,7 @@ def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None
     7,000 Kaggle images on 2 CPU cores); with cache_dir it stores signatures and the copy links
     there, and later calls (any train/test subsets of those files, e.g. other seeds' validation
     carve-outs) only hash the files and look the links up: ~1 s. `data.py audit --cache DIR`
-    fills the same cache.
+    fills the same cache. `exclude`: paths not to decode (undecodable images skipped by a run).
     """
     train_paths, test_paths = list(train_paths), list(test_paths)
     if not train_paths or not test_paths:
@@ -787,7 +787,7 @@ def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None
             every_path = [p for p, _, _ in find_audit_images(data_dir)]
         except DataError:
             every_path = []
-        paths = sorted(set(every_path) | set(train_paths) | set(test_paths))
+        paths = sorted((set(every_path) - set(exclude)) | set(train_paths) | set(test_paths))
         file_keys, hashes, thumbnails = load_signatures(data_dir, paths, cache_dir, progress=False)
         i, j, _, _ = matching_pairs(lcn_signatures(thumbnails), None, COPY_THRESHOLD,
                                     progress=False)

@@ -382,12 +382,12 @@ def plot_curves(history, path, select_on):
     plt.close(fig)
 
 
-def leak_free_metrics(args, parts, test_probs, class_names):
+def leak_free_metrics(args, parts, test_probs, class_names, undecodable):
     """Metrics on the official test images that have no copy (exact, flipped, rotated,
     intensity-changed or re-encoded) in the training folder (data.py's leak audit)."""
     leaky = data.test_paths_with_train_copy(
         args.data, [s.path for s in parts["train"] + parts["val"]],
-        [s.path for s in parts["test"]], cache_dir=args.cache_dir)
+        [s.path for s in parts["test"]], cache_dir=args.cache_dir, exclude=undecodable)
     keep = np.array([s.path not in leaky for s in parts["test"]])
     y_true = np.array([s.label for s in parts["test"]])[keep]
     if not keep.any():
@@ -499,7 +499,8 @@ def run_one(args, build_model, default_out):
                "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
                "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
                if history else None,
-               "cache_build_seconds": cache_seconds, "cached": cache is not None}
+               "cache_build_seconds": cache_seconds, "cached": cache is not None,
+               "undecodable_skipped": len(bad)}
     for name in ("train", "val", "test"):
         if len(inputs[name]) == 0:
             metrics[name] = None
@@ -511,14 +512,18 @@ def run_one(args, build_model, default_out):
         if name == "test":
             test_probs = probs
     if splits.source == "official":  # the official test set holds copies of training images
-        metrics["test_leak_free"] = leak_free_metrics(args, parts, test_probs, model.class_names)
+        metrics["test_leak_free"] = leak_free_metrics(args, parts, test_probs, model.class_names,
+                                                      bad)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
     write_predictions(os.path.join(out_dir, "predictions.csv"), parts["test"], test_probs,
                       model.class_names)
     y_test = inputs["test"].labels.numpy()
     with open(os.path.join(out_dir, "report.txt"), "w") as f:
         f.write(f"{model.cache_key.get('model')} seed {args.seed}, best epoch {best_epoch} "
-                f"chosen on the {metrics['selection']}\n\n")
+                f"chosen on the {metrics['selection']}\n")
+        if bad:
+            f.write(f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}\n")
+        f.write("\n")
         f.write(stats.classification_report(y_test, test_probs.argmax(1), model.class_names))
     stats.plot_confusion_matrix(np.array(metrics["test"]["confusion_matrix"]), model.class_names,
                                 os.path.join(out_dir, "confusion_matrix.png"),

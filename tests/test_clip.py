@@ -219,3 +219,20 @@ def test_official_split_also_reports_the_leak_free_test_part(tiny_clip_config, t
     leak_free = metrics["test_leak_free"]
     assert leak_free["n_test_with_train_copy"] == 1
     assert leak_free["n"] == metrics["test"]["n"] - 1 == 20
+
+
+def test_undecodable_image_stops_the_run_unless_skip_bad(tiny_clip_config, tmp_path):
+    root = data.write_synthetic_dataset(str(tmp_path / "data"), per_class=8, seed=4)
+    broken = os.path.join(root, "Training", "pituitary", "broken.jpg")
+    with open(broken, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 truncated JPEG")
+    with pytest.raises(SystemExit, match="broken.jpg: cannot decode image"):
+        clip_tumor.main(run_args(root, tiny_clip_config, tmp_path, "--epochs", "0",
+                                 "--out", str(tmp_path / "a")))
+    metrics = clip_tumor.main(run_args(root, tiny_clip_config, tmp_path, "--epochs", "0",
+                                       "--skip-bad", "--out", str(tmp_path / "b")))
+    assert metrics["undecodable_skipped"] == 1
+    assert "broken.jpg" in (tmp_path / "b" / "report.txt").read_text()
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["undecodable_skipped"] == ["Training/pituitary/broken.jpg"]
+    assert sum(config["counts"]["train"]) + sum(config["counts"]["val"]) == 32
