@@ -14,7 +14,10 @@ paper's code reading (Linear 768->512, BatchNorm, ReLU, Linear 512->4 on CLS fea
 
 The frozen 10 blocks run once per image and view (the feature cache, engine.py); a step runs
 block 11 on all tokens and block 12 for the CLS query only, since only CLS reaches the head.
-Measured on a 2-core CPU (README, `--benchmark`): see the README's speed table.
+Measured with `python clip_tumor.py --benchmark` (ViT-B-16, batch 16, 2-core CPU, median of 3
+quiet runs): 50.85 ms per image for a cached training step vs 238.39 ms for the full network
+(4.7x); stem 148.79 ms per image and view, once; peak memory under 2 GB. `--demo`: 98.3% test
+accuracy in 10 s. No accuracy with real pretrained weights has been measured here (offline).
 """
 import argparse
 import json
