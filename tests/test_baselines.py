@@ -13,14 +13,7 @@ import baselines
 import engine
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny (64 px): one thread is about as fast as two and, on a CPU shared
-    with other jobs, does not stall waiting for a busy core (measured: 9 min vs 80 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def small_model(name="resnet18", train_from=None, size=64, seed=0, pretrained="none"):
