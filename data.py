@@ -82,6 +82,24 @@ def visible_subfolders(folder):
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name))
 
 
+def official_split_folders(root):
+    """(Training folder, Testing folder) as named on disk when root has both, else None."""
+    found = {SPLIT_FOLDERS[f.lower()]: f for f in visible_subfolders(root)
+             if f.lower() in SPLIT_FOLDERS}
+    return (found["train"], found["test"]) if set(found) == {"train", "test"} else None
+
+
+def files_under(folder):
+    """(image files, other files) under folder, recursively and sorted; hidden ones ignored."""
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for name in sorted(n for n in filenames if not is_hidden(n)):
+            is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            (images if is_image else others).append(os.path.join(dirpath, name))
+    return images, others
+
+
 # ---- finding images ----------------------------------------------------------------------------
 
 def scan_class_folders(data_dir, rel_root=""):
@@ -98,19 +116,13 @@ def scan_class_folders(data_dir, rel_root=""):
             f"{root}: found {found}; expected class folders glioma/ meningioma/ notumor/ "
             f"pituitary/ (aliases such as no_tumor/, no/, glioma_tumor/ are accepted), "
             f"or Training/ and Testing/ folders that contain them")
+    relative = lambda path: os.path.relpath(path, data_dir).replace(os.sep, "/")
     samples, non_images = [], []
     for folder in folders:
         label = CLASSES.index(normalise_class_name(folder))
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
-            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-            for name in sorted(filenames):
-                if is_hidden(name):
-                    continue
-                rel = os.path.relpath(os.path.join(dirpath, name), data_dir).replace(os.sep, "/")
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    samples.append(Sample(rel, label))
-                else:
-                    non_images.append(rel)
+        images, others = files_under(os.path.join(root, folder))
+        samples += [Sample(relative(path), label) for path in images]
+        non_images += [relative(path) for path in others]
     return sorted(samples, key=lambda s: s.path), non_images
 
 
@@ -153,11 +165,10 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
         raise DataError(f"{data_dir}: no such folder; pass --data with the dataset folder")
     if split_csv:
         return read_split_csv(split_csv, data_dir)
-    split_folders = {SPLIT_FOLDERS[f.lower()]: f for f in visible_subfolders(data_dir)
-                     if f.lower() in SPLIT_FOLDERS}
-    if set(split_folders) == {"train", "test"}:
-        train, non_train = scan_class_folders(data_dir, split_folders["train"])
-        test, non_test = scan_class_folders(data_dir, split_folders["test"])
+    official = official_split_folders(data_dir)
+    if official:
+        train, non_train = scan_class_folders(data_dir, official[0])
+        test, non_test = scan_class_folders(data_dir, official[1])
         source, non_images = "official", non_train + non_test
     else:
         samples, non_images = scan_class_folders(data_dir)
@@ -498,10 +509,7 @@ def find_audit_images(data_dir):
     """
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such folder; pass --data with the dataset folder")
-    split_folders = {SPLIT_FOLDERS[f.lower()]: f for f in visible_subfolders(data_dir)
-                     if f.lower() in SPLIT_FOLDERS}
-    parts = [split_folders["train"], split_folders["test"]] \
-        if set(split_folders) == {"train", "test"} else [""]
+    parts = list(official_split_folders(data_dir) or [""])
     images = []
     for part in parts:
         samples, _ = scan_class_folders(data_dir, part)
@@ -874,16 +882,6 @@ UNLABELLED_FOLDERS = {  # folder name (lower case) -> why its images are skipped
 }
 
 
-def image_files_under(folder):
-    """Image files under folder (recursively, sorted), hidden files and folders ignored."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        found += [os.path.join(dirpath, n) for n in sorted(filenames) if not is_hidden(n)
-                  and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
-    return found
-
-
 def merge_source_items(source):
     """[(source file, class or None, split folder or "", skip reason or "")] of one source.
 
@@ -892,11 +890,8 @@ def merge_source_items(source):
     """
     if not os.path.isdir(source):
         raise DataError(f"{source}: no such folder; each merge source must be a dataset folder")
-    split_folders = {SPLIT_FOLDERS[f.lower()]: f for f in visible_subfolders(source)
-                     if f.lower() in SPLIT_FOLDERS}
-    official = set(split_folders) == {"train", "test"}
-    parts = [("Training", split_folders["train"]), ("Testing", split_folders["test"])] \
-        if official else [("", "")]
+    official = official_split_folders(source)
+    parts = [("Training", official[0]), ("Testing", official[1])] if official else [("", "")]
     items = []
     for part_name, part_folder in parts:
         root = os.path.join(source, part_folder)
@@ -912,8 +907,8 @@ def merge_source_items(source):
             label = normalise_class_name(folder)
             reason = "" if label else UNLABELLED_FOLDERS[folder.lower()]
             items += [(path, label, part_name, reason)
-                      for path in image_files_under(os.path.join(root, folder))]
-    return items, official
+                      for path in files_under(os.path.join(root, folder))[0]]
+    return items, official is not None
 
 
 def merge_datasets(sources, out_dir, progress=True):
