@@ -415,8 +415,28 @@ def prepare_out_dir(args, default_out):
     return out
 
 
+def check_arguments(args):
+    """Numbers out of range are an error naming the option, the value and what is allowed."""
+    problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
+        ("views", args.views, args.views >= 1, "at least 1 (view 0 is the plain image)"),
+        ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
+        ("epochs", args.epochs, args.epochs >= 0, "0 (zero-shot) or more"),
+        ("lr", args.lr, args.lr > 0, "positive"),
+        ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "between 0 and 1"))
+        if not ok]
+    if args.seeds and not all(s.strip().lstrip("-").isdigit() for s in args.seeds.split(",")):
+        problems.append(f"--seeds {args.seeds}: comma-separated integers, e.g. 42,123,456")
+    if args.split and not os.path.isfile(args.split):
+        problems.append(f"--split {args.split}: no such file (make one with `python data.py "
+                        f"split --data DIR --out SPLIT.csv --leak-free`)")
+    if problems:
+        raise data.DataError("; ".join(problems))
+
+
 def run(args, build_model, default_out):
     """One training run (or one per --seeds seed) from parsed arguments; returns metrics."""
+    if not args.resume:
+        check_arguments(args)
     if args.seeds:  # one run per seed in OUT/seed<N>/, then mean +- std in OUT/summary.json
         base = args.out or default_out.rsplit("-seed", 1)[0] + "-seeds"
         run_dirs = []

@@ -36,3 +36,12 @@ def test_balanced_class_weights_match_sklearn():
     ours = engine.balanced_class_weights(labels, 4).numpy()
     theirs = compute_class_weight("balanced", classes=np.arange(4), y=labels)
     assert np.allclose(ours, theirs)
+
+
+def test_out_of_range_options_are_named_in_one_error(tiny_clip_config, synth_dir):
+    import clip_tumor
+    with pytest.raises(SystemExit, match=r"--views 0: at least 1.*--val-fraction 1.5"):
+        clip_tumor.main(["--data", synth_dir, "--model", tiny_clip_config, "--pretrained", "none",
+                         "--views", "0", "--val-fraction", "1.5"])
+    with pytest.raises(SystemExit, match="--split nope.csv: no such file"):
+        clip_tumor.main(["--data", synth_dir, "--split", "nope.csv"])
