@@ -4,39 +4,53 @@
     python clip_tumor.py --demo                           # offline: synthetic data, tiny model
     python clip_tumor.py --benchmark                      # speeds at full size, random weights
 
-The method (Swetha & Kumar, "Multimodal Brain Tumor Classification Using BLIP and CLIP"): open_clip
-ViT-B/16, everything frozen but the last 2 vision blocks, the final LayerNorm and projection;
-the text encoder is frozen and the prompts "a photo of a {class} brain MRI" are encoded once;
-logits = learnable scale x cosine(image embedding, prompt embeddings). `--head mlp` is the
-paper's code reading (Linear 768->512, BatchNorm, ReLU, Linear 512->4 on CLS features) and
-`--head fusion` its "feature-wise concatenation" reading. AdamW 3e-4, warm restarts T_0=5,
-30 epochs, batch 16 (engine.py).
-
-The frozen 10 blocks run once per image and view (the feature cache, engine.py); a step runs
-block 11 on all tokens and block 12 for the CLS query only, since only CLS reaches the head.
-Measured with `python clip_tumor.py --benchmark` (ViT-B-16, batch 16, 2-core CPU, median of 3
-quiet runs): 50.85 ms per image for a cached training step vs 238.39 ms for the full network
-(4.7x); stem 148.79 ms per image and view, once; peak memory under 2 GB. `--demo`: 98.3% test
+The method of Swetha & Kumar, "Multimodal Brain Tumor Classification Using BLIP and CLIP", top to
+bottom: the model, the feature cache, the training loop, the run. blip_tumor.py and baselines.py
+reuse everything but the model. The frozen blocks run once per image and view (the cache); a step
+runs block 11 on all tokens and block 12 for the CLS query only. Measured (`--benchmark`, ViT-B-16,
+batch 16, 2-core CPU, median of 3 quiet runs): a cached step 50.85 ms per image vs 238.39 ms for
+the full network (4.7x); the stem 148.79 ms per image and view, once. `--demo`: 98.3% test
 accuracy in 10 s. No accuracy with real pretrained weights has been measured here (offline).
 """
 import argparse
+import hashlib
+import io
 import json
+import math
 import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
-import engine
+import stats
 
-MODEL = "ViT-B-16"              # open_clip architecture
-PRETRAINED = "openai"           # open_clip tag, hf-hub:org/repo, local weights file, or none
-TRAINABLE_BLOCKS = 2            # "unfreeze vision encoder last 2 layers"
+# ---- defaults: the paper's choices -------------------------------------------------------------
+MODEL = "ViT-B-16"       # open_clip architecture
+PRETRAINED = "openai"    # open_clip tag, hf-hub:org/repo, local weights file, or none
+TRAINABLE_BLOCKS = 2     # "unfreeze vision encoder last 2 layers"
 PROMPT = "a photo of a {} brain MRI"
 PROMPT_NAMES = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "no tumor",
                 "pituitary": "pituitary"}  # the paper's class labels as text
-MLP_HIDDEN = 512                # "Linear 768 to 512 with BatchNorm/ReLU, Linear 512 to 4"
+MLP_HIDDEN = 512         # "Linear 768 to 512 with BatchNorm/ReLU, Linear 512 to 4"
+EPOCHS = 30              # "30 epochs total"
+BATCH_SIZE = 16          # "batch size of 16"
+LEARNING_RATE = 3e-4     # "AdamW optimizer with a learning rate of 3e-4"
+WEIGHT_DECAY = 0.01      # "AdamW's default weight decay"
+RESTART_EPOCHS = 5       # "Cosine Annealing Warm Restarts (T_0 = 5 for 5-epoch cycles ..."
+WARMUP_EPOCHS = 1        # "... following warm-up)": its length is not given; one epoch, linear
+FOCAL_GAMMA = 2.0        # focal loss exponent (the paper names focal loss, not its gamma)
+VIEWS = 4                # view 0 plain + 3 augmented views per training image
+DEMO_DIR = os.path.join(tempfile.gettempdir(), "tumor-vlm-demo")
+PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only; a log gets a line per epoch
 
 # A tiny ViT for --demo and the tests: same code paths, random weights, seconds to train.
 TINY_CONFIG = {"embed_dim": 64,
@@ -44,6 +58,22 @@ TINY_CONFIG = {"embed_dim": 64,
                               "patch_size": 8},
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4,
                             "layers": 2}}
+
+
+def set_seed(seed):
+    """Seed Python, NumPy and torch in one place."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tensor_digest(tensors):
+    """SHA-1 over the bytes of the given tensors: the identity of frozen weights."""
+    digest = hashlib.sha1()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ---- model -------------------------------------------------------------------------------------
@@ -64,46 +94,48 @@ def cls_only_block(block, tokens):
 class CLIPClassifier(nn.Module):
     """open_clip vision tower split into a frozen stem and a trainable top, plus a head."""
 
-    def __init__(self, clip_model, tokenizer, head, name, weights, class_names=data.CLASSES):
+    def __init__(self, clip_model, tokenizer, head, name, weights, trainable_blocks,
+                 class_names=data.CLASSES):
         super().__init__()
         visual = clip_model.visual
-        unsupported = getattr(visual, "attn_pool", None) is not None or \
-            getattr(visual, "pool_type", "tok") != "tok" or not hasattr(visual, "conv1") or \
-            not getattr(visual.transformer, "batch_first", False)
-        if unsupported:
-            raise SystemExit(f"{name}: only open_clip ViTs with a CLS token (pool_type 'tok', "
-                             f"no attention pooling) are supported, e.g. ViT-B-16 or ViT-L-14")
-        clip_model.lock_image_tower(unlocked_groups=TRAINABLE_BLOCKS + 1)  # blocks, LN, proj
+        if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "conv1") or \
+                getattr(visual, "pool_type", "tok") != "tok":
+            raise SystemExit(f"error: --model {name}: only open_clip ViTs with a CLS token (pool "
+                             f"type 'tok', no attention pooling) are supported, e.g. ViT-B-16")
+        assert isinstance(visual.patch_dropout, nn.Identity), \
+            f"{name}: patch dropout is on; the cached path would differ from the full forward"
+        clip_model.lock_image_tower(unlocked_groups=trainable_blocks + 1)  # blocks, LN, proj
         clip_model.lock_text_tower()
-        self.class_names = tuple(class_names)
-        self.n_classes = len(class_names)
+        self.class_names, self.n_classes = tuple(class_names), len(class_names)
         with torch.no_grad():  # prompts are encoded once and kept fixed
             prompts = tokenizer([PROMPT.format(PROMPT_NAMES.get(c, c)) for c in class_names])
             text = F.normalize(clip_model.encode_text(prompts).float(), dim=-1)
         self.register_buffer("class_prompts", text)                      # (C, E)
         self.visual = visual  # the text tower is no longer needed and is dropped here
         blocks = visual.transformer.resblocks
-        self.stem_blocks, self.top_blocks = blocks[:-TRAINABLE_BLOCKS], blocks[-TRAINABLE_BLOCKS:]
+        split = len(blocks) - trainable_blocks
+        self.stem_blocks, self.top_blocks = blocks[:split], blocks[split:]
         cfg = __import__("open_clip").get_model_preprocess_cfg(clip_model)
-        self.image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) \
-            else visual.image_size
+        size = visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1))
         self.head_type = head
         width, embed_dim = visual.conv1.out_channels, text.shape[1]
-        self.logit_scale = nn.Parameter(clip_model.logit_scale.detach().clone().float())
-        self.logit_scale.requires_grad = head == "cosine"
+        self.logit_scale = nn.Parameter(clip_model.logit_scale.detach().clone().float(),
+                                        requires_grad=head == "cosine")
         if head == "mlp":
             self.head = nn.Sequential(nn.Linear(width, MLP_HIDDEN), nn.BatchNorm1d(MLP_HIDDEN),
                                       nn.ReLU(), nn.Linear(MLP_HIDDEN, self.n_classes))
         elif head == "fusion":  # one score per (image, class prompt) pair
             self.head = nn.Sequential(nn.Linear(2 * embed_dim, MLP_HIDDEN), nn.ReLU(),
                                       nn.Linear(MLP_HIDDEN, 1))
-        frozen = [p for n, p in self.named_parameters() if not p.requires_grad]
-        self.cache_key = {"model": name, "weights": weights, "stem_blocks": len(self.stem_blocks),
+        stem = [visual.conv1, visual.ln_pre, *self.stem_blocks]
+        stem_parameters = [visual.class_embedding, visual.positional_embedding] + \
+            [p for module in stem for p in module.parameters()]
+        self.cache_key = {"model": name, "weights": weights, "stem_blocks": split,
                           "image_size": self.image_size, "mean": cfg["mean"], "std": cfg["std"],
-                          "augmentation": data.AUGMENTATION_ID,
-                          "frozen_digest": engine.tensor_digest(frozen)}
+                          "architecture": repr(stem), "frozen_digest": tensor_digest(stem_parameters)}
 
     def embed(self, images):
         """Pixels in [0, 1] -> patch + CLS tokens with positions, as open_clip's forward does."""
@@ -114,15 +146,18 @@ class CLIPClassifier(nn.Module):
         return self.visual.ln_pre(x)                                     # (B, 1 + H*W, D)
 
     def stem(self, images):
-        """The frozen part: embeddings and the first blocks. (B, 1 + H*W, D), cached on disk."""
+        """The frozen part, cached on disk: (B, 1 + H*W, D) tokens entering the trainable
+        blocks, or (B, 1, D), the final CLS token, when no block trains (a linear probe)."""
         x = self.embed(images)
         for block in self.stem_blocks:
             x = block(x)
-        return x
+        return x if len(self.top_blocks) else x[:, :1]
 
     def top(self, tokens, cls_only=True):
         """Trainable part from cached stem tokens: all blocks but the last on all tokens, the
         last for CLS only (cls_only=False runs it on all tokens, for the benchmark)."""
+        if not len(self.top_blocks):
+            return self.classify(tokens[:, 0])
         for block in self.top_blocks[:-1]:
             tokens = block(tokens)
         last = self.top_blocks[-1]
@@ -131,8 +166,7 @@ class CLIPClassifier(nn.Module):
 
     def forward(self, images):
         """The paper's way: the whole vision transformer on every token, every step."""
-        tokens = self.visual.transformer(self.embed(images))
-        return self.classify(tokens[:, 0])
+        return self.classify(self.visual.transformer(self.embed(images))[:, 0])
 
     def classify(self, cls):
         """(B, D) CLS output of the last block -> (B, C) logits."""
@@ -148,81 +182,582 @@ class CLIPClassifier(nn.Module):
 
 
 def load_clip(model_name, pretrained):
-    """open_clip model and tokenizer; a clear message instead of a traceback when offline."""
+    """open_clip model and tokenizer, with the activation the weights were trained with."""
     import open_clip
     if model_name.endswith(".json"):  # a custom architecture in open_clip's config format
         if not os.path.isfile(model_name):
-            raise SystemExit(f"{model_name}: model config not found")
+            raise SystemExit(f"error: --model {model_name}: model config not found")
         open_clip.add_model_config(model_name)
         model_name = os.path.splitext(os.path.basename(model_name))[0]
     if model_name not in open_clip.list_models() and not model_name.startswith("hf-hub:"):
-        raise SystemExit(f"--model {model_name}: unknown; choose one of open_clip.list_models() "
-                         f"(e.g. ViT-B-16), an hf-hub:org/repo id, or a .json config file")
+        raise SystemExit(f"error: --model {model_name}: unknown; choose one of "
+                         f"open_clip.list_models() (e.g. ViT-B-16), hf-hub:org/repo, or a .json")
     local_file = os.path.isfile(pretrained)
     weights = None if pretrained == "none" else pretrained
-    # OpenAI's weights were trained with QuickGELU; open_clip only warns when the config's GELU
-    # differs, and the features then silently drift, so follow the tag's own setting.
+    # OpenAI's weights were trained with QuickGELU; a tag says so itself, a local file cannot
     quick_gelu = bool(weights and not local_file and
                       open_clip.get_pretrained_cfg(model_name, weights).get("quick_gelu"))
+    if local_file and "quickgelu" not in model_name and \
+            open_clip.get_pretrained_cfg(model_name, "openai").get("quick_gelu"):
+        print(f"note: OpenAI's {model_name} weights were trained with QuickGELU; if "
+              f"{pretrained} holds them, pass --model {model_name}-quickgelu")
     try:
         model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=quick_gelu)
-        tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as error:
-        if local_file or weights is None:
+        if weights is None:
             raise
-        raise SystemExit(
-            f"could not obtain the open_clip weights '{pretrained}' for {model_name} "
-            f"({type(error).__name__}: {str(error)[:200]}).\nThis machine is probably offline. "
-            f"Either run once where the internet is reachable (open_clip caches the weights in "
-            f"~/.cache/huggingface), or download the weights file and pass it with "
-            f"--pretrained /path/to/open_clip_pytorch_model.bin, or use --pretrained none for "
-            f"random weights.")
+        problem = f"{type(error).__name__}: {str(error)[:200]}"
+        raise SystemExit(f"error: --pretrained {pretrained}: not weights of {model_name} "
+                         f"({problem})" if local_file else
+                         f"error: could not obtain the open_clip weights '{pretrained}' for "
+                         f"{model_name} ({problem}).\nOffline? Run once where the internet is "
+                         f"reachable (weights are cached in ~/.cache/huggingface), or download "
+                         f"the file and pass it: --model {model_name}-quickgelu --pretrained "
+                         f"/path/to/open_clip_pytorch_model.bin (OpenAI weights use QuickGELU)"
+                         f", or use --pretrained none for random weights.")
     if local_file:
-        weights = f"file:{engine.tensor_digest(model.visual.parameters())[:16]}"
-    return model, tokenizer, weights or "none"
+        weights = f"file:{tensor_digest(model.visual.parameters())[:16]}"
+    return model, open_clip.get_tokenizer(model_name), weights or "none"
 
 
 def build_model(args):
-    engine.set_seed(args.seed)  # random-init weights (--pretrained none) depend on the seed
+    set_seed(args.seed)  # random-init weights (--pretrained none) depend on the seed
     pretrained = "none" if args.benchmark else args.pretrained  # benchmark: random weights
     clip_model, tokenizer, weights = load_clip(args.model, pretrained)
     name = os.path.splitext(os.path.basename(args.model))[0]
-    head = "cosine" if args.epochs == 0 else args.head
-    return CLIPClassifier(clip_model, tokenizer, head, name, weights)
+    head = "cosine" if args.epochs == 0 else args.head  # zero-shot: the prompts are the head
+    return CLIPClassifier(clip_model, tokenizer, head, name, weights, args.trainable_blocks)
 
 
-# ---- main --------------------------------------------------------------------------------------
+# ---- feature cache -----------------------------------------------------------------------------
 
-def demo_arguments(workdir, args):
-    """Synthetic data and a tiny random-weight ViT: the whole pipeline offline in about a minute."""
-    data_dir, config = os.path.join(workdir, "data"), os.path.join(workdir, "clip-tiny.json")
-    if not os.path.isdir(data_dir):
-        data.write_synthetic_dataset(data_dir, per_class=60, seed=0)
-    with open(config, "w") as f:
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
+    stats.atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class FeatureCache:
+    """Stem outputs on disk: one file per (image content, view) in a folder per stem.
+
+    The folder name hashes everything that determines the stem's output (model.cache_key: name,
+    weights, architecture, depth, image size, normalisation; the augmentation recipe; library
+    versions). A probe image's stem output is stored in the folder and compared on every open,
+    a catch-all for anything the key misses. Each entry holds the SHA-1 of its bytes, checked
+    on every read: a damaged entry is recomputed, never used.
+    """
+
+    def __init__(self, root, model):
+        key = dict(model.cache_key, augmentation=data.AUGMENTATION_ID, torch=torch.__version__)
+        self.dir = os.path.join(root, hashlib.sha1(json.dumps(key, sort_keys=True).encode())
+                                .hexdigest()[:16])
+        os.makedirs(self.dir, exist_ok=True)
+        probe = torch.rand(1, 3, model.image_size, model.image_size,
+                           generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            probe = model.eval().stem(probe.to(model.mean.device)).float().cpu()[0]
+        stored = self.read(os.path.join(self.dir, "probe.bin"))
+        if stored is not None and not (stored.shape == probe.shape and
+                                       torch.allclose(stored, probe, rtol=1e-4, atol=1e-5)):
+            print(f"feature cache {self.dir}: made by a stem that gives other outputs; rebuilding")
+            shutil.rmtree(self.dir)
+            os.makedirs(self.dir)
+            stored = None
+        if stored is None:
+            self.write(os.path.join(self.dir, "probe.bin"), probe.numpy())
+            with open(os.path.join(self.dir, "key.json"), "w") as f:
+                json.dump(key, f, indent=1)  # for humans: what this folder holds
+
+    def path(self, content_hash, view):
+        return os.path.join(self.dir, content_hash[:2], f"{content_hash}_v{view}.bin")
+
+    @staticmethod
+    def write(path, array):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        payload = buffer.getvalue()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        stats.atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
+
+    @staticmethod
+    def read(path):
+        """The stored tensor (float32), or None when missing or damaged (checksum mismatch)."""
+        try:
+            with open(path, "rb") as f:
+                stored = f.read()
+        except FileNotFoundError:
+            return None
+        if hashlib.sha1(stored[20:]).digest() != stored[:20]:
+            print(f"feature cache: {path} is damaged (checksum mismatch); recomputing it")
+            return None
+        return torch.from_numpy(np.load(io.BytesIO(stored[20:]))).float()
+
+    def put(self, content_hash, view, features):
+        self.write(self.path(content_hash, view), features.numpy().astype(np.float16))
+
+
+class Inputs:
+    """Batches of one split: cached stem features (default) or decoded pixels (--no-cache)."""
+
+    def __init__(self, samples, hashes, data_dir, model, cache):
+        self.samples, self.hashes, self.data_dir = samples, hashes, data_dir
+        self.model, self.cache = model, cache
+        self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def pixels(self, index, view):
+        sample = self.samples[index]
+        image = data.load_rgb(os.path.join(self.data_dir, sample.path))
+        return data.image_view(image, self.hashes[sample.path], view, self.model.image_size)
+
+    def batch(self, indices, views):
+        if self.cache is None:
+            return torch.stack([self.pixels(i, v) for i, v in zip(indices, views)])
+        features = []
+        for i, v in zip(indices, views):
+            content_hash = self.hashes[self.samples[i].path]
+            feature = self.cache.read(self.cache.path(content_hash, v))
+            if feature is None:  # damaged or deleted since the build: recompute and store
+                with torch.no_grad():
+                    self.cache.put(content_hash, v, self.model.stem(
+                        self.pixels(i, v)[None].to(self.model.mean.device)).float().cpu()[0])
+                feature = self.cache.read(self.cache.path(content_hash, v))
+            features.append(feature)
+        return torch.stack(features)
+
+    def logits(self, inputs):
+        return self.model.top(inputs) if self.cache is not None else self.model(inputs)
+
+
+def build_cache(model, cache, jobs, data_dir, device, batch_size, skip_bad):
+    """Run the stem on every (image, view) of jobs {path: (content hash, views)} not yet cached.
+    Returns the paths that could not be decoded (with skip_bad; else the first one stops)."""
+    todo = [(path, h, v) for path, (h, n_views) in jobs.items() for v in range(n_views)
+            if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
+    bad, started = [], time.time()
+    model.eval()
+    for start in tqdm(range(0, len(todo), batch_size), desc="feature cache", unit="batch",
+                      disable=not PROGRESS or not todo):
+        pixels, keys = [], []
+        for path, h, v in todo[start:start + batch_size]:
+            if path in bad:
+                continue
+            try:
+                image = data.load_rgb(os.path.join(data_dir, path))
+            except data.DecodeError as error:
+                if not skip_bad:
+                    raise SystemExit(f"error: {error}")
+                bad.append(path)
+                continue
+            pixels.append(data.image_view(image, h, v, model.image_size))
+            keys.append((h, v))
+        if pixels and cache:  # without a cache (--no-cache), only check that images decode
+            with torch.no_grad():
+                features = model.stem(torch.stack(pixels).to(device)).float().cpu()
+            for (h, v), feature in zip(keys, features):
+                cache.put(h, v, feature)
+    if todo and cache:
+        print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
+              f"({cache.dir})")
+    return bad
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def focal_loss(logits, targets, weight=None, gamma=FOCAL_GAMMA):
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma per sample."""
+    log_p = F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    losses = -(1 - log_p.exp()) ** gamma * log_p
+    w = weight[targets] if weight is not None else torch.ones_like(losses)
+    return (w * losses).sum() / w.sum()  # weighted mean, as F.cross_entropy does
+
+
+def make_loss(name, class_weight):
+    ce = lambda logits, y: F.cross_entropy(logits.float(), y, weight=class_weight)
+    focal = lambda logits, y: focal_loss(logits, y, class_weight)
+    hybrid = lambda logits, y: 0.5 * (ce(logits, y) + focal(logits, y))
+    return {"ce": ce, "focal": focal, "hybrid": hybrid}[name]
+
+
+def balanced_class_weights(labels, n_classes):
+    """n / (C * n_c): each class contributes equally to the loss (sklearn's 'balanced')."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def learning_rate(progress, lr, warmup_epochs):
+    """LR at `progress` epochs (a float): linear warm-up, then cosine annealing restarted every
+    RESTART_EPOCHS (torch's CosineAnnealingWarmRestarts, T_0=5, eta_min=0; a test compares)."""
+    if progress < warmup_epochs:
+        return lr * progress / warmup_epochs
+    position = (progress - warmup_epochs) % RESTART_EPOCHS
+    return lr * 0.5 * (1 + math.cos(math.pi * position / RESTART_EPOCHS))
+
+
+def trainable_state(model):
+    """Trainable parameters plus the buffers of their modules (BatchNorm running statistics)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    owners = {n.rpartition(".")[0] for n in names}
+    names |= {n for n, _ in model.named_buffers() if n.rpartition(".")[0] in owners}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+
+@torch.no_grad()
+def predict(inputs, batch_size):
+    """(logits (N, C) as NumPy, mean cross-entropy) on view 0 of every sample."""
+    inputs.model.eval()
+    logits = []
+    for start in range(0, len(inputs), batch_size):
+        indices = list(range(start, min(start + batch_size, len(inputs))))
+        batch = inputs.batch(indices, [0] * len(indices)).to(inputs.model.mean.device)
+        logits.append(inputs.logits(batch).float().cpu())
+    logits = torch.cat(logits) if logits else torch.zeros(0, inputs.model.n_classes)
+    return logits.numpy(), F.cross_entropy(logits, inputs.labels).item() if len(inputs) else 0.0
+
+
+def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None):
+    """The training loop, written out: AdamW, warm-up and warm restarts, best epoch on the
+    selection split, a checkpoint dict after every epoch."""
+    device = model.mean.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    class_weight = (balanced_class_weights(train_inputs.labels.numpy(), model.n_classes)
+                    .to(device) if args.class_weights else None)
+    loss_fn = make_loss(args.loss, class_weight)
+    state = {"epoch": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
+             "history": []}
+    if checkpoint is not None:  # --resume: everything the next epoch depends on
+        model.load_state_dict(checkpoint["model"], strict=False)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = {k: checkpoint[k] for k in state}
+
+    n, history = len(train_inputs), state["history"]
+    steps = max(n // args.batch_size, 1)  # drop the ragged last batch (BatchNorm needs > 1)
+    for epoch in range(state["epoch"], args.epochs):
+        started = time.time()
+        # batch order and views come from (seed, epoch) alone, so a resumed run replays them
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        views = torch.randint(0, args.views, (n,), generator=g).tolist()
+        model.train()
+        seen, correct, total_loss = 0, 0, 0.0
+        for step in tqdm(range(steps), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                         disable=not PROGRESS):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(epoch + (step + 1) / steps, args.lr,
+                                            args.warmup_epochs)
+            indices = order[step * args.batch_size:(step + 1) * args.batch_size]
+            batch = train_inputs.batch(indices, [views[i] for i in indices]).to(device)
+            labels = train_inputs.labels[indices].to(device)
+            logits = train_inputs.logits(batch)
+            loss = loss_fn(logits, labels)
+            if not torch.isfinite(loss):  # diverged: stop before NaN reaches any result
+                raise SystemExit(f"error: the loss is {loss.item()} at epoch {epoch + 1}, step "
+                                 f"{step + 1}: training diverged; try a lower --lr than {args.lr}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(indices)
+            correct += (logits.argmax(-1) == labels).sum().item()  # a CPU-GPU sync point
+            total_loss += loss.item() * len(indices)
+        select_logits, select_loss = predict(select_inputs, args.batch_size)
+        select_accuracy = stats.accuracy(select_inputs.labels.numpy(), select_logits.argmax(1))
+        history.append({"epoch": epoch + 1, "train_loss": total_loss / seen,
+                        "train_accuracy": correct / seen, "select_loss": select_loss,
+                        "select_accuracy": select_accuracy, "lr": optimizer.param_groups[0]["lr"],
+                        "seconds": time.time() - started})
+        # best epoch: highest selection accuracy; a tie (common on small sets) goes to lower loss
+        if (select_accuracy, -select_loss) > (state["best_accuracy"], -state["best_loss"]):
+            state.update(best_accuracy=select_accuracy, best_loss=select_loss,
+                         best_epoch=epoch + 1)
+            atomic_save({"model": trainable_state(model), "epoch": epoch + 1,
+                         "config": vars(args)}, f"{out_dir}/best.pt")
+        state["epoch"] = epoch + 1
+        atomic_save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                     **state, "config": vars(args)}, f"{out_dir}/checkpoint.pt")
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {total_loss / seen:.4f} "
+              f"acc {correct / seen:.4f} | {args.select_on} loss {select_loss:.4f} "
+              f"acc {select_accuracy:.4f} | {history[-1]['seconds']:.1f}s", flush=True)
+    return history, state["best_epoch"]
+
+
+
+# ---- the run: data -> cache -> train -> evaluate -> run folder ---------------------------------
+
+def check_arguments(args):
+    """Every option out of range in one error naming the option, the value and what is allowed;
+    returns the device."""
+    problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
+        ("views", args.views, args.views >= 1, "at least 1 (view 0 is the plain image)"),
+        ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
+        ("epochs", args.epochs, args.epochs >= 0, "0 (zero-shot) or more"),
+        ("lr", args.lr, args.lr > 0, "positive"),
+        ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "between 0 and 1"),
+        ("seed", args.seed, 0 <= args.seed < 2 ** 32, "0 to 2**32 - 1"),
+        ("seeds", args.seeds, all(s.isdigit() and int(s) < 2 ** 32
+                                  for s in (args.seeds or "0").split(",")),
+         "comma-separated integers 0 to 2**32 - 1, e.g. 42,123,456"),
+        ("split", args.split, not args.split or os.path.isfile(args.split),
+         "no such file (make one with `python data.py split --data DIR --out S.csv --leak-free`)"),
+        ("out", args.out, not args.out or not os.path.isfile(args.out), "is a file, not a folder"),
+        ("data", args.data, args.data is not None, "missing: pass the dataset folder (or --demo)"))
+        if not ok]
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+    device = args.device if args.device != "auto" else \
+        "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda") or \
+            device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: use auto, cpu or cuda (this machine "
+                         f"has {'a' if torch.cuda.is_available() else 'no'} CUDA GPU)")
+    return torch.device(device)
+
+
+def evaluate(inputs, batch_size, class_names, keep=None):
+    """metrics_dict of one split (or of its samples where keep is True) and its probabilities."""
+    logits, loss = predict(inputs, batch_size)
+    probs = torch.from_numpy(logits).softmax(-1).numpy()
+    y_true, keep = inputs.labels.numpy(), slice(None) if keep is None else keep
+    metrics = stats.metrics_dict(y_true[keep], probs[keep].argmax(1), probs[keep], class_names)
+    return dict(metrics, loss=loss), probs
+
+
+def run_one(args, build_model, out_dir):
+    """One seed: splits, model, feature cache, training, evaluation, the run folder."""
+    device = check_arguments(args)
+    set_seed(args.seed)
+    val_fraction = 0.0 if args.select_on == "test" else args.val_fraction
+    splits = data.load_splits(args.data, args.seed, val_fraction, args.split)
+    model = build_model(args).to(device)
+    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+    checkpoint = torch.load(checkpoint_path, weights_only=True) \
+        if args.resume and os.path.isfile(checkpoint_path) else None
+    stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
+    if splits.non_images:
+        print(f"note: {len(splits.non_images)} non-image file(s) ignored: {splits.non_images}")
+    everything = splits.train + splits.val + splits.test
+    hashes = {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in everything}
+    started = time.time()
+    cache = None if args.no_cache else FeatureCache(args.cache_dir, model)
+    jobs = {s.path: (hashes[s.path], 1) for s in splits.val + splits.test}
+    jobs.update({s.path: (hashes[s.path], args.views) for s in splits.train})
+    bad = build_cache(model, cache, jobs, args.data, device, args.batch_size, args.skip_bad)
+    cache_seconds = time.time() - started
+    parts = {name: [s for s in getattr(splits, name) if s.path not in bad]
+             for name in ("train", "val", "test")}
+    inputs = {name: Inputs(samples, hashes, args.data, model, cache)
+              for name, samples in parts.items()}
+    counts = {name: np.bincount([s.label for s in samples], minlength=model.n_classes).tolist()
+              for name, samples in parts.items()}
+    stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
+                      "split_source": splits.source, "classes": list(model.class_names),
+                      "non_images_ignored": splits.non_images, "undecodable_skipped": bad},
+                     os.path.join(out_dir, "config.json"))
+
+    history, best_epoch = [], 0
+    if args.epochs > 0:
+        select = inputs["test" if args.select_on == "test" else "val"]
+        history, best_epoch = train(model, inputs["train"], select, args, out_dir, checkpoint)
+        best = torch.load(f"{out_dir}/best.pt", weights_only=True)["model"]
+        model.load_state_dict(best, strict=False)
+    selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
+                 "test set chose the epoch)") if args.select_on == "test" else "validation split"
+    metrics = {"model": model.cache_key["model"], "seed": args.seed, "selection": selection,
+               "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
+               "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
+               if history else None, "cache_build_seconds": cache_seconds,
+               "cached": cache is not None, "undecodable_skipped": len(bad), "val": None}
+    for name in ("train", "val", "test"):
+        if len(inputs[name]):
+            metrics[name], probs = evaluate(inputs[name], args.batch_size, model.class_names)
+    # whatever the split, count the test images that copy a training or validation image
+    leaky = data.test_paths_with_train_copy(args.data, [s.path for s in parts["train"]] +
+                                            [s.path for s in parts["val"]],
+                                            [s.path for s in parts["test"]], args.cache_dir)
+    metrics["n_test_with_train_copy"] = len(leaky)
+    keep = np.array([s.path not in leaky for s in parts["test"]])
+    headline = f"test accuracy {metrics['test']['accuracy']:.4f}"
+    if leaky and keep.any():
+        metrics["test_leak_free"], _ = evaluate(inputs["test"], args.batch_size,
+                                                model.class_names, keep)
+        metrics["test_leak_free"]["n_test_with_train_copy"] = len(leaky)
+        headline += f", {metrics['test_leak_free']['accuracy']:.4f} on the {keep.sum()} test " \
+                    f"images without a copy in training ({len(leaky)} have one)"
+        if splits.source != "official" and not args.split:
+            print("note: train and test share copies of images; `python data.py split "
+                  "--leak-free` writes a split that keeps each group of copies in one part")
+    header = f"{metrics['model']} seed {args.seed}, best epoch {best_epoch} chosen on the " \
+             f"{selection}\n{headline}\n" + (f"{len(bad)} undecodable image(s) skipped "
+                                              f"(--skip-bad): {', '.join(bad)}\n" if bad else "")
+    stats.write_run_folder(out_dir, metrics, history, [s.path for s in parts["test"]],
+                           inputs["test"].labels.numpy(), probs, model.class_names, header)
+    print(f"{headline}; macro-F1 {metrics['test']['macro_f1']:.4f} (epoch {best_epoch}, "
+          f"selected on the {selection}); results in {out_dir}/")
+    shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
+    os.remove(os.path.join(out_dir, ".lock"))
+    return metrics
+
+
+def run(args, build_model, script):
+    """The command: --benchmark, one run, or --seeds (one run per seed into OUT/seed<N>/, then
+    mean +- std in OUT/summary.json). --resume continues a run or a seeds folder."""
+    if args.benchmark:
+        result = benchmark(build_model(args))
+        print(json.dumps(result))
+        return result
+    if args.resume:  # the run's own options; --epochs, when given, extends or shortens it
+        seeds_file = os.path.join(args.resume, "seeds.json")
+        saved_file = seeds_file if os.path.isfile(seeds_file) else \
+            os.path.join(args.resume, "config.json")
+        if not os.path.isfile(saved_file):
+            raise SystemExit(f"error: --resume {args.resume}: no config.json or seeds.json "
+                             f"there; pass a run folder made by this script")
+        with open(saved_file) as f:
+            saved = json.load(f)
+        saved = saved if saved_file == seeds_file else saved["args"]
+        epochs = args.epochs if args.epochs is not None else saved["epochs"]
+        args = argparse.Namespace(**dict(saved, resume=args.resume, out=args.resume,
+                                         epochs=epochs))
+    args.epochs = EPOCHS if args.epochs is None else args.epochs
+    name = os.path.basename(os.path.normpath(getattr(args, "weights", None) or args.model))
+    name = "-".join([script, os.path.splitext(name)[0].removeprefix("timm:")] +
+                    [x for x, default in ((getattr(args, "head", "cosine"), "cosine"),
+                                          (args.loss, "ce")) if x != default])
+    if not args.seeds:
+        return run_one(args, build_model, args.out or f"runs/{name}-seed{args.seed}")
+    base = args.out or f"runs/{name}-seeds"
+    os.makedirs(base, exist_ok=True)
+    stats.write_json(vars(args), os.path.join(base, "seeds.json"))  # what --resume BASE reads
+    run_dirs = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        out = os.path.join(base, f"seed{seed}")
+        run_dirs.append(out)
+        resume = out if args.resume and os.path.isfile(f"{out}/config.json") else None
+        if not (resume and os.path.isfile(f"{out}/metrics.json")):  # skip finished seeds
+            run_one(argparse.Namespace(**dict(vars(args), seed=seed, seeds=None, out=out,
+                                              resume=resume)), build_model, out)
+    summary = stats.summarize_runs(run_dirs)
+    stats.write_json(summary, os.path.join(base, "summary.json"))
+    print(stats.format_summary(summary) + f"\nwritten to {base}/summary.json")
+    return summary
+
+
+# ---- benchmark ---------------------------------------------------------------------------------
+
+def benchmark(model, batch_size=BATCH_SIZE, repeats=5):
+    """Milliseconds per image of the stem, a naive step (the whole network), a cached step and
+    a cache read, timed in rounds (a, b, c, a, b, c, ...) so that load from other processes
+    falls on all of them alike and their ratio stays meaningful."""
+    images = torch.rand(batch_size, 3, model.image_size, model.image_size)
+    labels = torch.arange(batch_size) % model.n_classes
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    with torch.no_grad():
+        features = model.eval().stem(images)
+    cache = FeatureCache(tempfile.mkdtemp(), model)
+    for i, feature in enumerate(features):
+        cache.put(f"{i:040x}", 0, feature)
+
+    def step(forward):
+        loss = F.cross_entropy(forward(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    timed = {"stem_ms": lambda: torch.no_grad()(model.stem)(images),
+             "naive_ms": lambda: step(lambda: model(images)),
+             "cached_ms": lambda: step(lambda: model.top(features)),
+             "cache_read_ms": lambda: [cache.read(cache.path(f"{i:040x}", 0))
+                                       for i in range(batch_size)]}
+    model.train()
+    times = {name: [] for name in timed}
+    for round_ in range(repeats + 1):  # round 0 warms up the allocator and kernel choice
+        for name, fn in timed.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    result = {name: round(1000 * float(np.median(t[1:])) / batch_size, 2)
+              for name, t in times.items()}
+    shutil.rmtree(os.path.dirname(cache.dir))
+    return dict(result, naive_over_cached=round(result["naive_ms"] / result["cached_ms"], 2),
+                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                batch_size=batch_size, threads=torch.get_num_threads())
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def make_parser(description):
+    """The options every script shares; each script adds its model's options."""
+    parser = argparse.ArgumentParser(description=description.split("\n")[0])
+    a = parser.add_argument
+    a("--data", help="dataset folder: Training/ and Testing/ with class folders, or class folders")
+    a("--split", help="split CSV (path,label,split), e.g. from `python data.py split --leak-free`")
+    a("--seed", type=int, default=42, help="seed of the split, initialisation and batch order")
+    a("--seeds", help="e.g. 42,123,456,789,1011: one run per seed, then mean +- std")
+    a("--val-fraction", type=float, default=0.1, help="share of training images for validation")
+    a("--select-on", choices=["val", "test"], default="val",
+      help="split that picks the best epoch; 'test' is the paper's protocol (optimistic)")
+    a("--epochs", type=int, help=f"training epochs (default {EPOCHS}); 0 evaluates zero-shot; "
+                                  f"with --resume, extends the run")
+    a("--trainable-blocks", type=int, default=TRAINABLE_BLOCKS,
+      help="vision blocks that train; 0 is a linear probe on frozen features")
+    a("--batch-size", type=int, default=BATCH_SIZE, help="images per step")
+    a("--lr", type=float, default=LEARNING_RATE, help="AdamW learning rate")
+    a("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay")
+    a("--warmup-epochs", type=float, default=WARMUP_EPOCHS, help="linear LR warm-up (epochs)")
+    a("--loss", choices=["ce", "focal", "hybrid"], default="ce",
+      help="cross-entropy (paper's code), focal, or hybrid = (ce + focal) / 2 (paper's text)")
+    a("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
+    a("--views", type=int, default=VIEWS, help="views per training image: plain + augmented")
+    a("--cache-dir", default="./cache", help="where the frozen stem's outputs are stored")
+    a("--no-cache", action="store_true", help="run the full network every step (paper's way)")
+    a("--skip-bad", action="store_true", help="skip images that cannot be decoded (counted)")
+    a("--out", help="run folder (default runs/<script>-<model>-seed<seed>)")
+    a("--overwrite", action="store_true", help="replace the run in --out (other files stay)")
+    a("--resume", metavar="RUN_DIR", help="continue a stopped run or --seeds folder")
+    a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
+    a("--benchmark", action="store_true", help="time the steps at full size, random weights")
+    a("--demo", action="store_true", help="offline demo: synthetic data, tiny random model")
+    return parser
+
+
+def parse_args(parser, argv=None, **demo_model_defaults):
+    """argv -> options. With --demo, the demo's settings become the defaults and argv is parsed
+    again, so every option the user gives wins. A demo default may be a function of the demo
+    folder (called only for a demo), e.g. one that writes tiny weights there."""
+    args = parser.parse_args(argv)
+    if args.demo:
+        os.makedirs(DEMO_DIR, exist_ok=True)
+        demo_data = os.path.join(DEMO_DIR, "data")
+        if not os.path.isdir(demo_data):
+            data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
+        parser.set_defaults(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
+                            views=2, lr=1e-3, overwrite=True, **{
+                                k: v(DEMO_DIR) if callable(v) else v
+                                for k, v in demo_model_defaults.items()})
+        args = parser.parse_args(argv)
+        torch.set_num_threads(1)  # a tiny model gains nothing from a second thread
+    return args
+
+
+def write_tiny_config(folder):
+    path = os.path.join(folder, "clip-tiny.json")
+    with open(path, "w") as f:
         json.dump(TINY_CONFIG, f)
-    return ["--data", data_dir, "--model", config, "--pretrained", "none", "--epochs", "20",
-            "--views", "2", "--lr", "1e-3", "--cache-dir", os.path.join(workdir, "cache"),
-            "--out", "runs/clip-demo", "--overwrite"]
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=MODEL,
-                        help="open_clip architecture (e.g. ViT-B-16) or a .json model config")
-    parser.add_argument("--pretrained", default=PRETRAINED,
-                        help="open_clip tag (openai, laion2b_s34b_b88k, ...), a local weights "
-                             "file, or none for random weights")
-    parser.add_argument("--head", choices=["cosine", "mlp", "fusion"], default="cosine",
-                        help="cosine: scale x cosine(image, prompts) (paper's method text); "
-                             "mlp: 768->512->4 on CLS (paper's code); fusion: MLP on "
-                             "[image, prompt] pairs (paper's fusion section)")
-    engine.add_arguments(parser, default_out="runs/clip-<model>-seed<seed>")
-    return parser.parse_args(argv)
+    return path
 
 
 def main(argv=None):
-    run_name = lambda args: "clip-" + os.path.splitext(os.path.basename(args.model))[0]
-    return engine.main(argv, parse_args, build_model, demo_arguments, run_name)
+    parser = make_parser(__doc__)
+    parser.add_argument("--model", default=MODEL,
+                        help="open_clip architecture (e.g. ViT-B-16) or a .json model config")
+    parser.add_argument("--pretrained", default=PRETRAINED,
+                        help="open_clip tag (openai, ...), a local weights file, or none")
+    parser.add_argument("--head", choices=["cosine", "mlp", "fusion"], default="cosine",
+                        help="cosine: scale x cosine(image, prompts) (paper's method); mlp: "
+                             "768->512->4 on CLS (paper's code); fusion: MLP on [image, prompt]")
+    args = parse_args(parser, argv, model=write_tiny_config, pretrained="none")
+    return run(args, build_model, "clip")
 
 
 if __name__ == "__main__":

@@ -1,44 +1,39 @@
-"""Metrics and statistics for tumor-vlm: per-class scores, ROC/PR, calibration, McNemar, bootstrap.
+"""Metrics, statistics, calibration and the run folder of tumor-vlm: every number it reports.
 
-The training scripts call `metrics_dict`, `classification_report`, `plot_confusion_matrix`,
-`plot_run_figures` and `summarize_runs`; the command line compares finished run folders:
+    python stats.py compare runs/clip-seed0 runs/blip-seed0   # bootstrap CIs, paired diff, McNemar
+    python stats.py summary runs/clip-seeds/seed*             # mean +- sample std over runs
 
-    python stats.py compare runs/clip_seed0 runs/blip_seed0   # CIs per run, paired diff, McNemar
-    python stats.py summary runs/clip_seed0 runs/clip_seed1 runs/clip_seed2   # mean +- std
-
-NumPy and SciPy only (matplotlib is imported inside the plotting functions), so every number
-can be audited without torch or a GPU. tests/test_stats.py checks each metric against
-scikit-learn on random inputs with ties, McNemar against published worked examples, and the
-bootstrap intervals' coverage on simulated data (python -m pytest -q tests/test_stats.py).
-
-Conventions: y_true, y_pred are int class indices (N,); probs is (N, C) with rows summing to 1;
-a confusion matrix has rows = true class, columns = predicted class.
+NumPy and SciPy only (matplotlib inside the figure functions); each run-folder file is written and
+read here. tests/test_stats.py checks every metric against scikit-learn or a worked example.
+Conventions: y_true, y_pred are class indices (N,); probs is (N, C), rows summing to 1; a
+confusion matrix has rows = true class, columns = predicted class.
 """
 import argparse
 import csv
 import json
 import math
 import os
-from collections import Counter
 
 import numpy as np
+from scipy import optimize, special
 from scipy import stats as scipy_stats
 
-CLASSES = ("glioma", "meningioma", "notumor", "pituitary")  # class index order of the project
 CI_METHOD = "BCa"          # bootstrap interval: 'BCa' (bias-corrected, accelerated) or 'percentile'
 N_RESAMPLES = 2000         # bootstrap resamples per interval
 CONFIDENCE_LEVEL = 0.95    # two-sided level of every interval
 SEED = 0                   # seed of the bootstrap resampling (np.random.default_rng)
 ECE_BINS = 15              # equal-width confidence bins of the expected calibration error
+# Pointing game tolerance, 15 pixels as in Zhang et al. (2018, "Top-down neural attention by
+# excitation backprop"): a map made on 16-pixel patches and upsampled can peak about a patch off
+# the lesion. `chance` uses the same grown box, so the tolerance cannot flatter the comparison.
+POINTING_TOLERANCE = 15
 
 
-# ----------------------------------------------------------------------------------------------
-# Classification metrics from hard predictions
+# ---- classification metrics from hard predictions ----------------------------------------------
 
 def _safe_divide(numerator, denominator):
     """numerator / denominator elementwise, 0.0 where the denominator is 0 (zero_division=0)."""
-    numerator = np.asarray(numerator, dtype=float)
-    denominator = np.asarray(denominator, dtype=float)
+    numerator, denominator = np.asarray(numerator, float), np.asarray(denominator, float)
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
 
 
@@ -48,285 +43,259 @@ def accuracy(y_true, y_pred):
 
 
 def confusion_matrix(y_true, y_pred, n_classes):
-    """Counts (C, C) int: entry [t, p] = number of images of true class t predicted as class p."""
+    """Counts (..., C, C) of labels (..., N): [t, p] = images of true class t predicted as p.
+    Leading axes (the bootstrap's resamples) are counted at once by one bincount of (row, t, p)."""
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
-    for name, labels in (("y_true", y_true), ("y_pred", y_pred)):
-        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-            raise ValueError(f"{name} holds class index {labels.min()}..{labels.max()}, outside "
-                             f"0..{n_classes - 1}: pass n_classes = number of class names")
-    flat_index = y_true * n_classes + y_pred  # one bincount bin per (true, predicted) pair
-    counts = np.bincount(flat_index, minlength=n_classes * n_classes)
-    return counts.reshape(n_classes, n_classes)
+    if not np.all((0 <= y_true) & (y_true < n_classes) & (0 <= y_pred) & (y_pred < n_classes)):
+        raise SystemExit(f"error: a label is outside 0..{n_classes - 1}; pass n_classes = the "
+                         "number of class names")
+    leading = y_true.shape[:-1]
+    row_index = np.arange(int(np.prod(leading))).reshape(leading + (1,))  # (..., 1)
+    flat_index = (row_index * n_classes + y_true) * n_classes + y_pred    # (..., N)
+    counts = np.bincount(flat_index.ravel(), minlength=row_index.size * n_classes ** 2)
+    return counts.reshape(leading + (n_classes, n_classes))
 
 
 def precision_recall_f1(y_true, y_pred, n_classes):
-    """Per-class precision, recall, F1 and support, each an array of length C.
-
-    precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN) (the
-    harmonic mean of the two); a zero denominator gives 0, as sklearn's zero_division=0.
-    Support = number of images whose true class is c.
-    """
+    """Per-class precision TP/(TP+FP), recall TP/(TP+FN), F1 2TP/(2TP+FP+FN) and support, each
+    (..., C); a zero denominator gives 0 (sklearn's zero_division=0)."""
     counts = confusion_matrix(y_true, y_pred, n_classes)
-    true_pos = np.diag(counts)
-    predicted = counts.sum(axis=0)  # TP + FP
-    support = counts.sum(axis=1)    # TP + FN
-    precision = _safe_divide(true_pos, predicted)
-    recall = _safe_divide(true_pos, support)
+    true_pos = np.diagonal(counts, axis1=-2, axis2=-1)
+    predicted, support = counts.sum(axis=-2), counts.sum(axis=-1)  # TP + FP, TP + FN
     f1 = _safe_divide(2 * true_pos, predicted + support)
-    return precision, recall, f1, support
+    return _safe_divide(true_pos, predicted), _safe_divide(true_pos, support), f1, support
 
 
-def sensitivity_specificity(y_true, y_pred, n_classes):
-    """Per-class one-vs-rest sensitivity TP / (TP + FN) and specificity TN / (TN + FP).
-
-    Sensitivity is the recall of class c; specificity is the fraction of images of the other
-    classes that are not predicted as c. A zero denominator gives 0.
-    """
-    counts = confusion_matrix(y_true, y_pred, n_classes)
-    true_pos = np.diag(counts)
-    false_neg = counts.sum(axis=1) - true_pos
-    false_pos = counts.sum(axis=0) - true_pos
-    true_neg = counts.sum() - true_pos - false_neg - false_pos
-    sensitivity = _safe_divide(true_pos, true_pos + false_neg)
-    specificity = _safe_divide(true_neg, true_neg + false_pos)
-    return sensitivity, specificity
+def macro_average(per_class, support):
+    """Mean over the classes PRESENT in y_true (support > 0), (..., C) -> (...), as sklearn's
+    average="macro" with labels = the present classes. An absent class has no true image, so its
+    recall and F1 mean nothing; scoring them 0 would cap macro-F1 at (C - 1) / C."""
+    present = np.asarray(support) > 0
+    with np.errstate(invalid="ignore"):  # no class present: 0/0 -> NaN
+        return np.sum(np.where(present, per_class, 0), axis=-1) / present.sum(axis=-1)
 
 
 def top_k_accuracy(y_true, probs, k):
-    """Fraction of images whose true class is among the k most probable classes.
-
-    A hit is counted when fewer than k classes have a strictly higher probability than the
-    true class, so ties go in the model's favour (sklearn's top_k_accuracy_score breaks ties
-    by class index instead; the two agree whenever the probabilities of a row are distinct).
-    """
-    probs = np.asarray(probs, dtype=float)
-    y_true = np.asarray(y_true, dtype=int)
+    """Share of images whose true class is among the k most probable. Ties count as hits (fewer
+    than k classes strictly above it); sklearn breaks them by class index instead."""
+    probs, y_true = np.asarray(probs, dtype=float), np.asarray(y_true, dtype=int)
     true_class_prob = probs[np.arange(len(y_true)), y_true]          # (N,)
     n_classes_above = (probs > true_class_prob[:, None]).sum(axis=1)  # (N,)
     return float(np.mean(n_classes_above < k))
 
 
-# ----------------------------------------------------------------------------------------------
-# Ranking metrics from probabilities: one-vs-rest ROC and precision-recall
+# ---- ranking metrics from probabilities: one-vs-rest ROC and precision-recall ------------------
 
 def _ranked_counts(is_positive, scores):
-    """False/true positive counts when thresholding at each distinct score, high to low.
-
-    Returns (false_pos, true_pos, thresholds): the images with score >= thresholds[i] are
-    called positive. Tied scores share one threshold, so a tie moves the ROC curve along a
-    diagonal: that is what gives a tied positive/negative pair half credit in the AUC.
-    """
-    is_positive = np.asarray(is_positive, dtype=bool)
-    scores = np.asarray(scores, dtype=float)
+    """(false_pos, true_pos) calling positive every score >= each distinct threshold, high to low,
+    and the thresholds. Tied scores share one: a tied pair moves ROC diagonally, half credit."""
+    is_positive, scores = np.asarray(is_positive, dtype=bool), np.asarray(scores, dtype=float)
     order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    last_of_each_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
+    last_of_each_tie = np.r_[np.flatnonzero(np.diff(scores[order])), len(scores) - 1]
     true_pos = np.cumsum(is_positive[order])[last_of_each_tie]
-    false_pos = last_of_each_tie + 1 - true_pos
-    return false_pos, true_pos, sorted_scores[last_of_each_tie]
+    return last_of_each_tie + 1 - true_pos, true_pos, scores[order][last_of_each_tie]
 
 
 def roc_curve(is_positive, scores):
-    """ROC points (fpr, tpr, thresholds) from threshold +inf (0, 0) down to the lowest score (1, 1).
-
-    Rates are NaN when there are no positives (tpr) or no negatives (fpr).
-    """
+    """ROC points (fpr, tpr, thresholds) from threshold +inf to the lowest score (NaN if 0/0)."""
     false_pos, true_pos, thresholds = _ranked_counts(is_positive, scores)
-    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 -> NaN, documented above
-        fpr = np.r_[0, false_pos] / false_pos[-1]
-        tpr = np.r_[0, true_pos] / true_pos[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fpr, tpr = np.r_[0, false_pos] / false_pos[-1], np.r_[0, true_pos] / true_pos[-1]
     return fpr, tpr, np.r_[np.inf, thresholds]
 
 
 def pr_curve(is_positive, scores):
-    """Precision-recall points (precision, recall, thresholds), thresholds from high to low.
-
-    The first point, threshold +inf (nothing called positive), is recall 0 and precision 1 by
-    convention, as in sklearn. Recall is NaN when there are no positives.
-    """
+    """PR points (precision, recall, thresholds), high to low from threshold +inf: (1, 0) there."""
     false_pos, true_pos, thresholds = _ranked_counts(is_positive, scores)
-    precision = true_pos / (true_pos + false_pos)  # never 0/0: each threshold calls >= 1 positive
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = true_pos / true_pos[-1]
+    precision = true_pos / (true_pos + false_pos)  # never 0/0: each threshold calls >= 1 positive
     return np.r_[1.0, precision], np.r_[0.0, recall], np.r_[np.inf, thresholds]
 
 
-def _nan_mean(values):
-    """Mean of the non-NaN values; NaN if there are none."""
-    values = np.asarray(values, dtype=float)
-    defined = values[~np.isnan(values)]
-    return float(defined.mean()) if defined.size else float("nan")
-
-
-def roc_auc_ovr(y_true, probs):
-    """One-vs-rest ROC AUC per class (array of length C) and its macro mean (float).
-
-    AUC of class c = area under the ROC curve of the scores probs[:, c] for "is class c",
-    computed with the trapezoid rule over all distinct thresholds. It equals the probability
-    that a random class-c image scores higher than a random other image, ties counting one
-    half (as sklearn's roc_auc_score). A class absent from y_true (or making up all of it) has
-    no ROC curve: its AUC is NaN and the macro mean skips it.
-    """
-    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
-    per_class = np.full(probs.shape[1], np.nan)
-    for c in range(probs.shape[1]):
-        is_positive = y_true == c
-        if 0 < is_positive.sum() < len(y_true):
-            fpr, tpr, _ = roc_curve(is_positive, probs[:, c])
-            per_class[c] = np.trapezoid(tpr, fpr)
-    return per_class, _nan_mean(per_class)
-
-
-def average_precision(y_true, probs):
-    """One-vs-rest average precision per class (array of length C) and its macro mean (float).
-
-    AP = sum_i (R_i - R_{i-1}) P_i over the distinct thresholds from high to low: the precision
-    at each threshold weighted by the recall it adds, a step function with no interpolation
-    (sklearn's average_precision_score). A class absent from y_true has AP NaN, skipped by
-    the macro mean.
-    """
+def _one_vs_rest(y_true, probs, area):
+    """area(is class c, probs[:, c]) per class and its mean; a class absent from y_true has no
+    curve (nor has ROC when c is all of y_true): NaN, skipped by the mean."""
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     per_class = np.full(probs.shape[1], np.nan)
     for c in range(probs.shape[1]):
         if np.any(y_true == c):
-            precision, recall, _ = pr_curve(y_true == c, probs[:, c])
-            per_class[c] = np.sum(np.diff(recall) * precision[1:])
-    return per_class, _nan_mean(per_class)
+            per_class[c] = area(y_true == c, probs[:, c])
+    defined = per_class[~np.isnan(per_class)]
+    return per_class, float(defined.mean()) if defined.size else math.nan
 
 
-# ----------------------------------------------------------------------------------------------
-# Calibration
+def roc_auc_ovr(y_true, probs):
+    """One-vs-rest ROC AUC per class and macro: trapezoids over every distinct threshold, i.e.
+    P(a class-c image outscores another), ties half (sklearn's roc_auc_score)."""
+    def trapezoid_area(is_positive, scores):
+        fpr, tpr, _ = roc_curve(is_positive, scores)
+        return np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
+    return _one_vs_rest(y_true, probs, trapezoid_area)
+
+
+def average_precision(y_true, probs):
+    """One-vs-rest average precision per class and macro: AP = sum_i (R_i - R_{i-1}) P_i over the
+    thresholds, a step function, not interpolated (sklearn's average_precision_score)."""
+    def step_area(is_positive, scores):
+        precision, recall, _ = pr_curve(is_positive, scores)
+        return np.sum(np.diff(recall) * precision[1:])
+    return _one_vs_rest(y_true, probs, step_area)
+
+
+# ---- calibration -------------------------------------------------------------------------------
 
 def calibration_bins(y_true, probs, n_bins=ECE_BINS):
-    """Per confidence bin: mean confidence, accuracy and image count (arrays of length n_bins).
-
-    Confidence = the highest class probability, prediction = its class (argmax). Bin b holds
-    confidences in (b / n_bins, (b + 1) / n_bins]; empty bins have confidence and accuracy NaN.
-    """
+    """Per bin (b / n_bins, (b + 1) / n_bins] of top-1 probability: its mean, accuracy, count."""
     probs = np.asarray(probs, dtype=float)
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == np.asarray(y_true)
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == np.asarray(y_true)
     bin_index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
     count = np.bincount(bin_index, minlength=n_bins)
     with np.errstate(invalid="ignore"):  # empty bins: 0/0 -> NaN
         mean_confidence = np.bincount(bin_index, confidence, minlength=n_bins) / count
-        bin_accuracy = np.bincount(bin_index, correct, minlength=n_bins) / count
-    return mean_confidence, bin_accuracy, count
+        return mean_confidence, np.bincount(bin_index, correct, minlength=n_bins) / count, count
 
 
 def expected_calibration_error(y_true, probs, n_bins=ECE_BINS):
-    """ECE = sum over bins of (images in bin / N) * |accuracy - mean confidence| (Guo et al. 2017).
-
-    Bins and confidence as in `calibration_bins` (equal width, top-1 probability).
-    """
+    """ECE = sum over bins of (images in bin / N) |accuracy - mean confidence| (Guo et al. 2017)."""
     mean_confidence, bin_accuracy, count = calibration_bins(y_true, probs, n_bins)
-    filled = count > 0
-    weights = count[filled] / count.sum()
-    return float(np.sum(weights * np.abs(bin_accuracy[filled] - mean_confidence[filled])))
+    gaps = np.abs(bin_accuracy - mean_confidence)[count > 0]
+    return float(np.sum(count[count > 0] / count.sum() * gaps))
 
 
-# ----------------------------------------------------------------------------------------------
-# All metrics of one split, and the paper's table
+def negative_log_likelihood(logits, y_true):
+    """Mean -log softmax(logits)[true class]."""
+    log_probs = special.log_softmax(np.asarray(logits, dtype=float), axis=1)
+    return float(-np.mean(log_probs[np.arange(len(y_true)), y_true]))
 
-def _to_json(value):
-    """Plain-Python copy of nested dicts/lists/NumPy values for json; NaN becomes None (null)."""
-    if isinstance(value, dict):
-        return {str(key): _to_json(item) for key, item in value.items()}
-    if isinstance(value, np.ndarray):
-        return _to_json(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_to_json(item) for item in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else float(value)
-    return value
 
+def fit_temperature_and_offsets(logits, y_true):
+    """(T, b) minimising the NLL of softmax(logits / T + b), by L-BFGS on (log T, b) from the model
+    as it is (T = 1, b = 0), kept unless the fit ends lower; b has mean 0 (softmax ignores it)."""
+    logits = np.asarray(logits, dtype=float)
+    one_hot = np.eye(logits.shape[1])[y_true]  # (N, C)
+
+    def nll_and_gradient(params):
+        temperature, offsets = np.exp(params[0]), params[1:]
+        log_probs = special.log_softmax(logits / temperature + offsets, axis=1)
+        residual = (np.exp(log_probs) - one_hot) / len(logits)  # dNLL / d(scaled logits), (N, C)
+        d_log_temperature = np.sum(residual * -logits / temperature)  # d scaled / d log T = -z / T
+        return -np.sum(one_hot * log_probs) / len(logits), np.r_[d_log_temperature, residual.sum(0)]
+
+    start = np.zeros(1 + logits.shape[1])
+    fitted = optimize.minimize(nll_and_gradient, start, jac=True, method="L-BFGS-B").x
+    if not nll_and_gradient(fitted)[0] < nll_and_gradient(start)[0]:
+        fitted = start
+    return float(np.exp(fitted[0])), fitted[1:] - fitted[1:].mean()
+
+
+def binary_f1(is_positive, called_positive):
+    """F1 = 2 TP / (2 TP + FP + FN) of a yes/no call (0 if nothing to find and nothing called)."""
+    true_pos = np.sum(np.logical_and(is_positive, called_positive))
+    return float(_safe_divide(2 * true_pos, np.sum(is_positive) + np.sum(called_positive)))
+
+
+def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_class="notumor"):
+    """Fit on the validation split and score on the test split: a temperature T and per-class
+    offsets b by NLL (probs = softmax(logits / T + b)), and the threshold t on the calibrated
+    P(tumour) = 1 - P(negative_class) with the best validation tumour-vs-no-tumour F1 (the
+    BiomedCLIP study's remedy). Tumour call before: the model's argmax is not negative_class;
+    after: P(tumour) >= t. Returns temperature, offsets, {val,test}_{nll,ece}_{before,after},
+    threshold, test_tumour_f1_{before,after}, test_probs ((N, C) array: pop it before JSON)."""
+    if negative_class not in class_names:
+        raise SystemExit(f"error: calibrate: {negative_class!r} is not one of {list(class_names)}; "
+                         "pass the no-tumour class as negative_class")
+    negative = list(class_names).index(negative_class)
+    val_logits, test_logits = np.asarray(val_logits, float), np.asarray(test_logits, float)
+    temperature, offsets = fit_temperature_and_offsets(val_logits, val_y)
+    result = {"temperature": temperature, "offsets": dict(zip(class_names, offsets))}
+    for split, logits, y_true in (("val", val_logits, val_y), ("test", test_logits, test_y)):
+        for when, scaled in (("before", logits), ("after", logits / temperature + offsets)):
+            result[f"{split}_nll_{when}"] = negative_log_likelihood(scaled, y_true)
+            result[f"{split}_ece_{when}"] = expected_calibration_error(
+                y_true, special.softmax(scaled, axis=1))
+    val_tumour = 1 - special.softmax(val_logits / temperature + offsets, axis=1)[:, negative]
+    test_probs = special.softmax(test_logits / temperature + offsets, axis=1)
+    val_is_tumour, test_is_tumour = np.asarray(val_y) != negative, np.asarray(test_y) != negative
+    # only the validation scores themselves can change the call: try each, keep the best F1
+    candidates = np.unique(val_tumour)
+    val_f1 = [binary_f1(val_is_tumour, val_tumour >= t) for t in candidates]
+    threshold = float(candidates[np.argmax(val_f1)])  # ties: the lowest such threshold
+    model_calls_tumour = test_logits.argmax(axis=1) != negative
+    result.update(threshold=threshold, test_probs=test_probs,
+                  test_tumour_f1_before=binary_f1(test_is_tumour, model_calls_tumour),
+                  test_tumour_f1_after=binary_f1(test_is_tumour,
+                                                 1 - test_probs[:, negative] >= threshold))
+    return result
+
+
+# ---- all metrics of one split, and the paper's table -------------------------------------------
 
 def metrics_dict(y_true, y_pred, probs, class_names):
-    """Every metric of one split as a JSON-ready dict (plain floats/ints/lists; NaN -> None).
-
-    Keys: n, accuracy, macro_f1, weighted_f1 (weighted by support), macro_precision,
-    macro_recall, per_class {name: {precision, recall, f1, support, sensitivity, specificity,
-    roc_auc, pr_auc}}, confusion_matrix (rows = true), and from probs: top2_accuracy (only
-    for C > 2), macro_roc_auc, macro_pr_auc, ece. With probs=None the probability keys
-    (including per-class roc_auc, pr_auc) are left out. Macro means run over all C classes.
-    """
+    """Every metric of one split, JSON-ready (NaN -> None): n, accuracy, macro_f1, weighted_f1,
+    macro_precision, macro_recall, per_class {name: {precision, recall, f1, support, sensitivity,
+    specificity, roc_auc, pr_auc}}, confusion_matrix, and from probs (None leaves them out):
+    top2_accuracy (C > 2), macro_roc_auc, macro_pr_auc, ece. Macro: present classes only."""
     n_classes = len(class_names)
     precision, recall, f1, support = precision_recall_f1(y_true, y_pred, n_classes)
-    sensitivity, specificity = sensitivity_specificity(y_true, y_pred, n_classes)
+    counts = confusion_matrix(y_true, y_pred, n_classes)
+    negatives = len(y_true) - support  # images of the other classes, TN + FP, one vs rest
+    specificity = _safe_divide(negatives - (counts.sum(axis=0) - np.diag(counts)), negatives)
     per_class = {name: {"precision": precision[c], "recall": recall[c], "f1": f1[c],
-                        "support": support[c], "sensitivity": sensitivity[c],
+                        "support": support[c], "sensitivity": recall[c],
                         "specificity": specificity[c]} for c, name in enumerate(class_names)}
-    result = {
-        "n": len(y_true),
-        "accuracy": accuracy(y_true, y_pred),
-        "macro_f1": f1.mean(),
-        "weighted_f1": _safe_divide(f1 @ support, support.sum()),
-        "macro_precision": precision.mean(),
-        "macro_recall": recall.mean(),
-        "per_class": per_class,
-        "confusion_matrix": confusion_matrix(y_true, y_pred, n_classes),
-    }
+    result = {"n": len(y_true), "accuracy": accuracy(y_true, y_pred),
+              "macro_f1": macro_average(f1, support),
+              "weighted_f1": _safe_divide(f1 @ support, support.sum()),
+              "macro_precision": macro_average(precision, support),
+              "macro_recall": macro_average(recall, support),
+              "per_class": per_class, "confusion_matrix": counts}
     if probs is not None:
-        roc_auc, macro_roc_auc = roc_auc_ovr(y_true, probs)
-        pr_auc, macro_pr_auc = average_precision(y_true, probs)
+        roc_auc, result["macro_roc_auc"] = roc_auc_ovr(y_true, probs)
+        pr_auc, result["macro_pr_auc"] = average_precision(y_true, probs)
         for c, name in enumerate(class_names):
             per_class[name].update(roc_auc=roc_auc[c], pr_auc=pr_auc[c])
         if n_classes > 2:
             result["top2_accuracy"] = top_k_accuracy(y_true, probs, k=2)
-        result.update(macro_roc_auc=macro_roc_auc, macro_pr_auc=macro_pr_auc,
-                      ece=expected_calibration_error(y_true, probs))
+        result["ece"] = expected_calibration_error(y_true, probs)
     return _to_json(result)
 
 
 def classification_report(y_true, y_pred, class_names):
-    """Plain-text table in the layout of the paper's Tables 3-4, 2 decimals, with support."""
+    """Text in the layout of the paper's Tables 3-4; Macro Avg over the classes present (noted)."""
     precision, recall, f1, support = precision_recall_f1(y_true, y_pred, len(class_names))
-    total = int(support.sum())
-    weights = _safe_divide(support, total)
+    weights = _safe_divide(support, support.sum())
     width = max(len("Overall Accuracy"), *(len(name) for name in class_names))
     row = f"{{:<{width}}}  {{:>9}}  {{:>6}}  {{:>8}}  {{:>7}}"
     lines = [row.format("Class", "Precision", "Recall", "F1-score", "Support")]
     for c, name in enumerate(class_names):
-        lines.append(row.format(name, f"{precision[c]:.2f}", f"{recall[c]:.2f}",
-                                f"{f1[c]:.2f}", int(support[c])))
-    lines.append(row.format("Overall Accuracy", "", "", f"{accuracy(y_true, y_pred):.2f}", total))
-    lines.append(row.format("Macro Avg", f"{precision.mean():.2f}", f"{recall.mean():.2f}",
-                            f"{f1.mean():.2f}", total))
-    lines.append(row.format("Weighted Avg", f"{weights @ precision:.2f}",
-                            f"{weights @ recall:.2f}", f"{weights @ f1:.2f}", total))
+        lines.append(row.format(name, *(f"{score[c]:.2f}" for score in (precision, recall, f1)),
+                                support[c]))
+    macro = [f"{macro_average(score, support):.2f}" for score in (precision, recall, f1)]
+    weighted = [f"{weights @ score:.2f}" for score in (precision, recall, f1)]
+    overall = f"{accuracy(y_true, y_pred):.2f}"
+    lines += [row.format("Overall Accuracy", "", "", overall, len(y_true)),
+              row.format("Macro Avg", *macro, len(y_true)),
+              row.format("Weighted Avg", *weighted, len(y_true))]
+    absent = [name for name, count in zip(class_names, support) if count == 0]
+    if absent:
+        lines.append(f"Macro Avg is over the classes present; no true image of {', '.join(absent)}")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Statistical tests: McNemar and bootstrap confidence intervals
+# ---- statistical tests: McNemar and bootstrap confidence intervals -----------------------------
 
 def mcnemar(correct_a, correct_b, continuity_correction=True):
-    """McNemar's test that two classifiers have equal accuracy on the same images.
-
-    Only discordant images carry information: b = images only A gets right, c = only B.
-    Under H0, b ~ Binomial(b + c, 1/2). Returns the 2x2 counts (both_correct, only_a_correct,
-    only_b_correct, both_wrong), mcnemar_exact_p (two-sided exact binomial test),
-    mcnemar_chi2 = (|b - c| - 1)^2 / (b + c) (no -1 if continuity_correction=False; b = c
-    gives 1 / (b + c), as R's mcnemar.test) and mcnemar_chi2_p (chi-square, 1 dof).
-    b + c = 0 (the classifiers never disagree) gives chi2 0 and both p-values 1.
-    """
-    correct_a = np.asarray(correct_a, dtype=bool)
-    correct_b = np.asarray(correct_b, dtype=bool)
-    if correct_a.shape != correct_b.shape:
-        raise ValueError(f"correct_a has shape {correct_a.shape} but correct_b {correct_b.shape}: "
-                         "McNemar needs both classifiers' results on the same images")
-    only_a = int(np.sum(correct_a & ~correct_b))
-    only_b = int(np.sum(~correct_a & correct_b))
-    discordant = only_a + only_b
-    exact_p, chi2, chi2_p = 1.0, 0.0, 1.0
-    if discordant > 0:
-        exact_p = scipy_stats.binomtest(only_a, discordant, p=0.5).pvalue
-        correction = 1.0 if continuity_correction else 0.0
-        chi2 = (abs(only_a - only_b) - correction) ** 2 / discordant
+    """McNemar's test of equal accuracy on the same images. b = images right only in A, c = only
+    in B; under H0 b ~ Binomial(b + c, 1/2). Returns the 2x2 counts, mcnemar_exact_p (two-sided
+    binomial test), mcnemar_chi2 = (|b - c| - 1)^2 / (b + c) (no -1 without continuity
+    correction; b = c gives 1 / (b + c), as R's mcnemar.test) and mcnemar_chi2_p (1 dof)."""
+    correct_a, correct_b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
+    exact_p, chi2, chi2_p = 1.0, 0.0, 1.0  # never disagreeing: no evidence either way
+    if only_a + only_b > 0:
+        exact_p = scipy_stats.binomtest(only_a, only_a + only_b, p=0.5).pvalue
+        chi2 = (abs(only_a - only_b) - float(continuity_correction)) ** 2 / (only_a + only_b)
         chi2_p = scipy_stats.chi2.sf(chi2, df=1)
     return {"both_correct": int(np.sum(correct_a & correct_b)), "only_a_correct": only_a,
             "only_b_correct": only_b, "both_wrong": int(np.sum(~correct_a & ~correct_b)),
@@ -336,233 +305,256 @@ def mcnemar(correct_a, correct_b, continuity_correction=True):
 
 def bootstrap_ci(samples, statistic, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=SEED,
                  confidence_level=CONFIDENCE_LEVEL):
-    """(low, high) bootstrap interval of statistic(*samples) by scipy.stats.bootstrap.
-
-    The samples are equal-length arrays, one entry per image, resampled jointly (paired=True:
-    the same image indices for every array). statistic(*arrays, axis=-1) must be vectorised
-    over leading axes. If every resample gives the same value (e.g. all images correct) the
-    interval is (value, value); BCa would be undefined there.
-    """
+    """(low, high) interval of statistic(*samples, axis=-1), the images of all samples resampled
+    jointly by scipy.stats.bootstrap; a point interval when every resample gives one value."""
     options = {"paired": True, "vectorized": True, "confidence_level": confidence_level}
     result = scipy_stats.bootstrap(samples, statistic, n_resamples=n_resamples,
                                    method="percentile", rng=np.random.default_rng(seed), **options)
-    if np.ptp(result.bootstrap_distribution) == 0:
-        value = float(result.bootstrap_distribution[0])
-        return value, value
+    if np.ptp(result.bootstrap_distribution) == 0:  # e.g. all correct: BCa is undefined
+        return (float(result.bootstrap_distribution[0]),) * 2
     if method.lower() != "percentile":  # same resamples, only the interval rule changes
         result = scipy_stats.bootstrap(samples, statistic, n_resamples=0, method=method,
                                        bootstrap_result=result, **options)
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def _mean(values, axis=-1):
-    """Mean along axis (the statistic of accuracy, vectorised for scipy.stats.bootstrap)."""
-    return np.mean(values, axis=axis)
-
-
-def _mean_difference(values_a, values_b, axis=-1):
-    """mean(values_a) - mean(values_b) along axis (paired accuracy difference).
-
-    Computed as mean(a - b): the sum of the 0/1 differences is an exact integer, so resamples
-    with the same counts give bit-identical values, which BCa's bias estimate compares with
-    the observed difference (mean(a) - mean(b) can differ from it in the last bit).
-    """
-    return np.mean(values_a - values_b, axis=axis)
-
-
-def macro_f1_batched(y_true, y_pred, n_classes):
-    """Macro-F1 of every row of (..., N) label arrays at once -> (...).
-
-    Speed-up for the bootstrap: instead of a Python loop over 2000 resamples, one bincount
-    over flat index (row, true, predicted) gives all (rows, C, C) confusion matrices; each
-    row's F1 is then exactly that of precision_recall_f1.
-    """
-    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
-    leading_shape = y_true.shape[:-1]
-    y_true = y_true.reshape(-1, y_true.shape[-1])  # (rows, N)
-    y_pred = y_pred.reshape(-1, y_pred.shape[-1])
-    n_rows = y_true.shape[0]
-    flat_index = (np.arange(n_rows)[:, None] * n_classes + y_true) * n_classes + y_pred
-    counts = np.bincount(flat_index.ravel(), minlength=n_rows * n_classes * n_classes)
-    counts = counts.reshape(n_rows, n_classes, n_classes)  # (rows, true, predicted)
-    true_pos = np.diagonal(counts, axis1=1, axis2=2)
-    f1 = _safe_divide(2 * true_pos, counts.sum(axis=1) + counts.sum(axis=2))  # (rows, C)
-    return f1.mean(axis=-1).reshape(leading_shape)
-
-
 def accuracy_ci(correct, **bootstrap_options):
-    """(low, high) bootstrap interval of the accuracy, from per-image correctness (N,) bool.
-
-    bootstrap_options: method, n_resamples, seed, confidence_level, as in bootstrap_ci.
-    """
-    return bootstrap_ci((np.asarray(correct, dtype=float),), _mean, **bootstrap_options)
+    """Interval of the accuracy from per-image correctness (N,); options as bootstrap_ci's."""
+    return bootstrap_ci((np.asarray(correct, dtype=float),), np.mean, **bootstrap_options)
 
 
 def macro_f1_ci(y_true, y_pred, n_classes, **bootstrap_options):
-    """(low, high) bootstrap interval of macro-F1: image indices resampled, F1 recomputed
-    over all n_classes classes (a class missing from a resample scores F1 = 0 there)."""
-    def macro_f1_statistic(true_rows, pred_rows, axis=-1):
-        return macro_f1_batched(true_rows, pred_rows, n_classes)
-    return bootstrap_ci((np.asarray(y_true), np.asarray(y_pred)), macro_f1_statistic,
-                        **bootstrap_options)
+    """Interval of macro-F1 as metrics_dict defines it, recomputed on every resample at once."""
+    def macro_f1(true_rows, pred_rows, axis=-1):  # (resamples, N) -> (resamples,)
+        _, _, f1, support = precision_recall_f1(true_rows, pred_rows, n_classes)
+        return macro_average(f1, support)
+    return bootstrap_ci((np.asarray(y_true), np.asarray(y_pred)), macro_f1, **bootstrap_options)
 
 
 def accuracy_difference_ci(correct_a, correct_b, **bootstrap_options):
-    """(low, high) paired bootstrap interval of accuracy(A) - accuracy(B) on the same images."""
+    """Paired interval of accuracy(A) - accuracy(B) on the same images."""
+    def mean_difference(a, b, axis=-1):  # mean(a - b) sums exact 0/1 differences: equal resamples
+        return np.mean(a - b, axis=axis)  # give bit-equal values, as BCa's bias estimate needs
     samples = (np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float))
-    return bootstrap_ci(samples, _mean_difference, **bootstrap_options)
+    return bootstrap_ci(samples, mean_difference, **bootstrap_options)
 
 
-# ----------------------------------------------------------------------------------------------
-# Figures (matplotlib's object API on an Agg canvas: no pyplot global state, no display needed)
+# ---- explanation maps against known lesions ----------------------------------------------------
 
-def _new_figure(width=5.0, height=4.5):
-    """A matplotlib Figure drawn by the Agg (PNG) backend, and its single Axes."""
+def pointing_game(heatmaps, boxes, brain_masks, tolerance=POINTING_TOLERANCE):
+    """(hit rate, chance) of maps on tumour images. heatmaps, brain_masks: (H, W) per image (the
+    map at the image's pixels, the mask True in the brain); boxes: (x0, y0, x1, y1) pixels, ends
+    inclusive. Hit: the map's maximum (first in row-major order) is in the box grown by tolerance.
+    chance: the mean share of brain pixels in the grown box, i.e. the exact expected hit rate of
+    a uniformly random point in the brain."""
+    hits, chances = [], []
+    for heatmap, (x0, y0, x1, y1), brain in zip(heatmaps, boxes, brain_masks, strict=True):
+        heatmap, brain = np.asarray(heatmap), np.asarray(brain, dtype=bool)
+        if heatmap.shape != brain.shape or not brain.any():
+            raise SystemExit(f"error: pointing game: map {heatmap.shape}, brain mask {brain.shape} "
+                             f"with {brain.sum()} pixels; resize maps to their image's mask")
+        rows, cols = np.indices(heatmap.shape)  # (H, W) each: pixel (y, x)
+        in_box = ((cols >= x0 - tolerance) & (cols <= x1 + tolerance)
+                  & (rows >= y0 - tolerance) & (rows <= y1 + tolerance))
+        hits.append(in_box[np.unravel_index(np.argmax(heatmap), heatmap.shape)])
+        chances.append(np.mean(in_box[brain]))
+    return float(np.mean(hits)), float(np.mean(chances))
+
+
+# ---- the run folder: metrics.json, predictions.csv, report.txt, figures ------------------------
+
+def _to_json(value):
+    """Plain-Python copy of nested dicts, lists and NumPy values; NaN and +-inf become None."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()  # NumPy array or scalar -> nested lists of bool, int, float
+    if isinstance(value, dict):
+        return {str(key): _to_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def atomic_write(path, write, mode="wb"):
+    """write(file) into path.tmp<pid>, then rename it over path: a killed run never leaves half
+    a file. On any failure the temporary file is removed; a full disk names the path."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, mode) as file:
+            write(file)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise SystemExit(f"error: {path}: cannot write ({error.strerror}); free disk space or "
+                         f"choose another --out / --cache-dir") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json(obj, path):
+    """Strict JSON (NaN/inf -> null), written atomically."""
+    atomic_write(path, lambda f: json.dump(_to_json(obj), f, indent=2, allow_nan=False), "w")
+
+
+# What a run writes: --overwrite may replace these, and nothing else in the run folder.
+RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "checkpoint.pt",
+             "best.pt", "confusion_matrix.png", "curves.png", "reliability.png")
+
+
+def claim_run_folder(out_dir, overwrite, resume):
+    """Make out_dir this run's: refuse it while another live run holds out_dir/.lock (its pid),
+    or, without --overwrite or --resume, when it holds a run's files. --overwrite moves those
+    (RUN_FILES only) to out_dir/replaced/; the run deletes that folder once it completes."""
+    lock = os.path.join(out_dir, ".lock")
+    try:
+        with open(lock) as file:
+            pid = int(file.read())
+        if pid != os.getpid():  # our own pid: an earlier run of this process, interrupted
+            os.kill(pid, 0)  # raises when that process is gone
+            raise SystemExit(f"error: {out_dir}: another run (pid {pid}) is writing here now; "
+                             f"wait for it or choose another --out")
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    ours = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if ours and not (overwrite or resume):
+        raise SystemExit(f"error: {out_dir}: run folder exists; pass --resume {out_dir} to "
+                         f"continue it, --overwrite to replace it, or --out for a new folder")
+    try:
+        os.makedirs(os.path.join(out_dir, "replaced"), exist_ok=True)
+        with open(lock, "w") as file:
+            file.write(str(os.getpid()))
+    except OSError as error:
+        raise SystemExit(f"error: --out {out_dir}: cannot write there ({error.strerror})")
+    kept = os.listdir(os.path.join(out_dir, "replaced"))  # a failed run left the last good one
+    for name in ours if not resume else []:
+        if kept:
+            os.remove(os.path.join(out_dir, name))
+        else:
+            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, "replaced", name))
+
+
+def _new_figure(width=5.0, height=4.5, columns=1):
+    """A matplotlib Figure on an Agg (PNG) canvas, no pyplot global state, and its Axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     figure = Figure(figsize=(width, height), layout="tight")
     FigureCanvasAgg(figure)
-    return figure, figure.add_subplot()
+    return figure, figure.subplots(1, columns)
 
 
-def plot_confusion_matrix(cm, class_names, path, title):
-    """Write the confusion matrix (rows = true, columns = predicted) as a PNG with counts."""
-    cm = np.asarray(cm)
+def plot_reliability(y_true, probs_before, probs_after, path):
+    """Accuracy per confidence bin, ECE in the legend; before and after side by side if given."""
+    sets = [("model", probs_before)] if probs_after is None else \
+        [("before calibration", probs_before), ("after calibration", probs_after)]
+    bar_width = 1 / ECE_BINS / len(sets)
     figure, axes = _new_figure()
-    axes.imshow(cm, cmap="Blues")
-    for (true_class, pred_class), count in np.ndenumerate(cm):
-        dark_cell = count > cm.max() / 2
-        axes.text(pred_class, true_class, str(count), ha="center", va="center",
-                  color="white" if dark_cell else "black")
-    ticks = np.arange(len(class_names))
-    axes.set_xticks(ticks, class_names, rotation=30, ha="right")
-    axes.set_yticks(ticks, class_names)
-    axes.set(xlabel="Predicted class", ylabel="True class", title=title)
+    for i, (label, probs) in enumerate(sets):
+        _, bin_accuracy, _ = calibration_bins(y_true, probs)
+        ece = expected_calibration_error(y_true, probs)
+        axes.bar(np.arange(ECE_BINS) / ECE_BINS + i * bar_width, np.nan_to_num(bin_accuracy),
+                 bar_width, align="edge", edgecolor="black", label=f"{label} (ECE {ece:.4f})")
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    axes.set(xlabel="Confidence (top-1 probability)", ylabel="Accuracy", xlim=(0, 1),
+             ylim=(0, 1), title="Reliability diagram")
+    axes.legend(loc="upper left")
     figure.savefig(path, dpi=150)
 
 
-def plot_run_figures(y_true, probs, class_names, out_dir):
-    """Write roc.png, pr.png (one-vs-rest curve per class, AUC/AP in the legend) and
-    reliability.png (accuracy per confidence bin, ECE in the title) into out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
-    roc_auc, _ = roc_auc_ovr(y_true, probs)
-    pr_auc, _ = average_precision(y_true, probs)
-    for kind in ("roc", "pr"):
-        figure, axes = _new_figure()
-        for c, name in enumerate(class_names):
-            if kind == "roc":
-                fpr, tpr, _ = roc_curve(y_true == c, probs[:, c])
-                axes.plot(fpr, tpr, label=f"{name} (AUC {roc_auc[c]:.3f})")
-            else:
-                precision, recall, _ = pr_curve(y_true == c, probs[:, c])
-                # "pre": precision P_i holds over the recall step (R_{i-1}, R_i], as in AP
-                axes.step(recall, precision, where="pre", label=f"{name} (AP {pr_auc[c]:.3f})")
-        if kind == "roc":
-            axes.plot([0, 1], [0, 1], color="grey", linestyle=":")
-            axes.set(xlabel="False positive rate", ylabel="True positive rate",
-                     title="ROC (one-vs-rest)")
-        else:
-            axes.set(xlabel="Recall", ylabel="Precision", title="Precision-recall (one-vs-rest)")
-        axes.legend(loc="lower right" if kind == "roc" else "lower left")
-        figure.savefig(os.path.join(out_dir, f"{kind}.png"), dpi=150)
+def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, class_names,
+                     header):
+    """Write metrics.json, predictions.csv (test: path,label,pred,p_<class>...), report.txt (header,
+    then the paper's table), confusion_matrix.png, reliability.png, and curves.png when history
+    (dicts: epoch, {train,select}_{loss,accuracy}) is not empty."""
+    y_test, test_probs = np.asarray(y_test, dtype=int), np.asarray(test_probs, dtype=float)
+    y_pred = test_probs.argmax(axis=1)
+    write_json(metrics, os.path.join(out_dir, "metrics.json"))
+    with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "label", "pred"] + [f"p_{name}" for name in class_names])
+        for path, label, pred, probs in zip(test_paths, y_test, y_pred, test_probs, strict=True):
+            writer.writerow([path, class_names[label], class_names[pred]]
+                            + [f"{p:.6f}" for p in probs])
+    with open(os.path.join(out_dir, "report.txt"), "w") as file:
+        file.write(f"{header.rstrip()}\n\n{classification_report(y_test, y_pred, class_names)}\n")
+    figure, axes = _new_figure()  # confusion matrix: rows = true, columns = predicted, counts
+    counts = confusion_matrix(y_test, y_pred, len(class_names))
+    axes.imshow(counts, cmap="Blues")
+    for (true_class, pred_class), count in np.ndenumerate(counts):
+        axes.text(pred_class, true_class, str(count), ha="center", va="center",
+                  color="white" if count > counts.max() / 2 else "black")
+    axes.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    axes.set_yticks(range(len(class_names)), class_names)
+    axes.set(xlabel="Predicted class", ylabel="True class",
+             title=f"test accuracy {accuracy(y_test, y_pred):.4f}")
+    figure.savefig(os.path.join(out_dir, "confusion_matrix.png"), dpi=150)
+    plot_reliability(y_test, test_probs, None, os.path.join(out_dir, "reliability.png"))
+    if history:  # loss and accuracy per epoch: training (augmented views) and selection split
+        figure, panels = _new_figure(10, 4, columns=2)
+        for key, label in (("train", "train (augmented views)"), ("select", "selection (view 0)")):
+            for panel, metric in zip(panels, ("loss", "accuracy")):
+                panel.plot([entry["epoch"] for entry in history],
+                           [entry[f"{key}_{metric}"] for entry in history], marker="o", label=label)
+                panel.set(xlabel="epoch", ylabel=metric)
+                panel.legend()
+        figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 
-    mean_confidence, bin_accuracy, count = calibration_bins(y_true, probs)
-    bin_width = 1.0 / len(count)
-    figure, axes = _new_figure()
-    bin_centres = (np.arange(len(count)) + 0.5) * bin_width
-    axes.bar(bin_centres, np.nan_to_num(bin_accuracy), width=bin_width, edgecolor="black",
-             label="accuracy")
-    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    axes.plot(mean_confidence, bin_accuracy, "o", color="red", label="mean confidence")
-    ece = expected_calibration_error(y_true, probs)
-    axes.set(xlabel="Confidence (top-1 probability)", ylabel="Accuracy", xlim=(0, 1),
-             ylim=(0, 1), title=f"Reliability diagram (ECE = {ece:.4f})")
-    axes.legend(loc="upper left")
-    figure.savefig(os.path.join(out_dir, "reliability.png"), dpi=150)
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders: predictions.csv, metrics.json, compare and summary
 
 def read_predictions(path):
-    """Read a run's predictions.csv -> (paths list, y_true, y_pred, probs (N, C), class_names).
-
-    Header: path,label,pred,p_<class>... Class names and their order come from the p_
-    columns; label and pred are class names, returned as indices into that order.
-    """
+    """predictions.csv -> (paths, y_true, y_pred, probs (N, C), class names of the p_ columns)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found; a run folder needs the predictions.csv "
-                                "written by the training script")
+        raise SystemExit(f"error: {path}: not found; a run folder needs the predictions.csv "
+                         "written by the training script")
     with open(path, newline="") as file:
         reader = csv.DictReader(file)
-        header = reader.fieldnames or []
-        rows = list(reader)
+        header, rows = reader.fieldnames or [], list(reader)
     class_names = tuple(column[2:] for column in header if column.startswith("p_"))
     missing = [column for column in ("path", "label", "pred") if column not in header]
     if missing or not class_names:
-        raise ValueError(f"{path}: missing column(s) {missing or ['p_<class>']} in header "
+        raise SystemExit(f"error: {path}: missing column(s) {missing or ['p_<class>']} in header "
                          f"{header}; expected path,label,pred,p_glioma,p_meningioma,...")
     class_index = {name: c for c, name in enumerate(class_names)}
-    for line_number, row in enumerate(rows, start=2):
-        for column in ("label", "pred"):
-            if row[column] not in class_index:
-                raise ValueError(f"{path}, line {line_number}: {column} {row[column]!r} is not "
-                                 f"one of the classes of the p_ columns {class_names}")
-    y_true = np.array([class_index[row["label"]] for row in rows], dtype=int)
-    y_pred = np.array([class_index[row["pred"]] for row in rows], dtype=int)
     try:
+        y_true = np.array([class_index[row["label"]] for row in rows], dtype=int)
+        y_pred = np.array([class_index[row["pred"]] for row in rows], dtype=int)
         probs = np.array([[float(row["p_" + name]) for name in class_names] for row in rows])
-    except ValueError as error:
-        raise ValueError(f"{path}: a p_ column holds a non-number ({error})") from None
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"error: {path}: {error}: a label or pred not among the p_ columns' "
+                         f"classes {class_names}, or a p_ value not a number; rewrite the file")
     return [row["path"] for row in rows], y_true, y_pred, probs.reshape(len(rows), -1), class_names
 
 
-def _index_b_by_path(paths_a, paths_b, run_a, run_b):
-    """For each of A's image paths, its row in B; a clear error if the two image sets differ."""
-    for paths, run in ((paths_a, run_a), (paths_b, run_b)):
-        duplicated = sorted(path for path, count in Counter(paths).items() if count > 1)
-        if duplicated:
-            raise ValueError(f"{run}/predictions.csv lists {len(duplicated)} path(s) more than "
-                             f"once, e.g. {duplicated[:3]}: each image must appear once")
-    row_in_b = {path: row for row, path in enumerate(paths_b)}
-    only_a = [path for path in paths_a if path not in row_in_b]
-    only_b = sorted(set(paths_b) - set(paths_a))
-    if only_a or only_b:
-        raise ValueError(f"{run_a} and {run_b} were evaluated on different images: "
-                         f"{len(only_a)} path(s) only in A (e.g. {only_a[:3]}), {len(only_b)} only "
-                         f"in B (e.g. {only_b[:3]}); compare runs made on the same split")
-    return np.array([row_in_b[path] for path in paths_a], dtype=int)
-
+# ---- compare two runs, summarise seeds ---------------------------------------------------------
 
 def compare_runs(run_a, run_b, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=SEED):
-    """Compare two runs on the same images (matched by path) -> JSON-ready dict.
-
-    Per run: accuracy and macro-F1 with bootstrap CIs, per-class F1. Paired: accuracy
-    difference A - B with a paired bootstrap CI, and McNemar's test (`mcnemar` keys).
-    """
-    paths_a, y_true, pred_a, _, classes_a = read_predictions(os.path.join(run_a, "predictions.csv"))
+    """Two runs on the same images (matched by path) -> JSON-ready dict: per run accuracy, macro-F1
+    (bootstrap CIs) and per-class F1; paired accuracy difference A - B (CI); McNemar's test."""
+    paths_a, y_true, pred_a, _, classes = read_predictions(os.path.join(run_a, "predictions.csv"))
     paths_b, true_b, pred_b, _, classes_b = read_predictions(os.path.join(run_b, "predictions.csv"))
-    if classes_a != classes_b:
-        raise ValueError(f"{run_a} has classes {classes_a} but {run_b} has {classes_b}")
-    row_in_b = _index_b_by_path(paths_a, paths_b, run_a, run_b)
-    true_b, pred_b = true_b[row_in_b], pred_b[row_in_b]
-    if np.any(true_b != y_true):
-        first = int(np.argmax(true_b != y_true))
-        raise ValueError(f"{run_a} and {run_b} disagree on the true label of "
-                         f"{int(np.sum(true_b != y_true))} image(s), e.g. {paths_a[first]}")
+    if classes != classes_b:
+        raise SystemExit(f"error: {run_a} has classes {classes} but {run_b} {classes_b}; compare "
+                         "runs of the same classes")
+    if sorted(paths_a) != sorted(paths_b) or len(set(paths_a)) < len(paths_a):
+        only_a, only_b = sorted(set(paths_a) - set(paths_b)), sorted(set(paths_b) - set(paths_a))
+        raise SystemExit(f"error: {run_a} and {run_b} were evaluated on different images: "
+                         f"{len(only_a)} path(s) only in A (e.g. {only_a[:3]}), {len(only_b)} only "
+                         f"in B (e.g. {only_b[:3]}), or a repeated path; compare runs of one split")
+    row_in_b = {path: row for row, path in enumerate(paths_b)}
+    order = [row_in_b[path] for path in paths_a]
+    pred_b = pred_b[order]
+    if np.any(true_b[order] != y_true):
+        raise SystemExit(f"error: {run_a} and {run_b} disagree on true labels; compare runs made "
+                         "on the same data")
     options = {"method": method, "n_resamples": n_resamples, "seed": seed}
     per_run = {}
     for key, run, y_pred in (("a", run_a, pred_a), ("b", run_b, pred_b)):
-        _, _, f1, _ = precision_recall_f1(y_true, y_pred, len(classes_a))
+        _, _, f1, support = precision_recall_f1(y_true, y_pred, len(classes))
         per_run[key] = {"run": run, "accuracy": accuracy(y_true, y_pred),
                         "accuracy_ci": accuracy_ci(y_pred == y_true, **options),
-                        "macro_f1": f1.mean(),
-                        "macro_f1_ci": macro_f1_ci(y_true, y_pred, len(classes_a), **options),
-                        "per_class_f1": dict(zip(classes_a, f1))}
+                        "macro_f1": macro_average(f1, support),
+                        "macro_f1_ci": macro_f1_ci(y_true, y_pred, len(classes), **options),
+                        "per_class_f1": dict(zip(classes, f1))}
     correct_a, correct_b = pred_a == y_true, pred_b == y_true
     return _to_json({
-        "run_a": run_a, "run_b": run_b, "n_images": len(y_true), "class_names": classes_a,
+        "run_a": run_a, "run_b": run_b, "n_images": len(y_true), "class_names": classes,
         "ci_method": method, "n_resamples": n_resamples, "seed": seed,
         "confidence_level": CONFIDENCE_LEVEL, "a": per_run["a"], "b": per_run["b"],
         "accuracy_difference": per_run["a"]["accuracy"] - per_run["b"]["accuracy"],
@@ -577,21 +569,22 @@ def _format_number(value, digits=4):
 
 def format_comparison(result):
     """The `compare` result as markdown: one row per run, then the paired statistics."""
-    def ci(value, bounds):
+    def with_ci(value, bounds):
         return f"{_format_number(value)} ({_format_number(bounds[0])}, {_format_number(bounds[1])})"
     classes = result["class_names"]
+    f1_columns = " | ".join(f"F1 {name}" for name in classes)
     lines = [f"Compared on {result['n_images']} images; {result['confidence_level']:.0%} CIs: "
              f"{result['ci_method']} bootstrap, {result['n_resamples']} resamples, "
              f"seed {result['seed']}.", "",
-             "| run | accuracy (CI) | macro-F1 (CI) | "
-             + " | ".join(f"F1 {c}" for c in classes) + " |",
+             f"| run | accuracy (CI) | macro-F1 (CI) | {f1_columns} |",
              "|---" * (3 + len(classes)) + "|"]
     for key in ("a", "b"):
         run = result[key]
-        f1s = " | ".join(_format_number(run["per_class_f1"][c]) for c in classes)
-        lines.append(f"| {key.upper()}: {run['run']} | {ci(run['accuracy'], run['accuracy_ci'])} "
-                     f"| {ci(run['macro_f1'], run['macro_f1_ci'])} | {f1s} |")
-    difference = ci(result["accuracy_difference"], result["accuracy_difference_ci"])
+        f1s = " | ".join(_format_number(run["per_class_f1"][name]) for name in classes)
+        lines.append(f"| {key.upper()}: {run['run']} | "
+                     f"{with_ci(run['accuracy'], run['accuracy_ci'])} | "
+                     f"{with_ci(run['macro_f1'], run['macro_f1_ci'])} | {f1s} |")
+    difference = with_ci(result["accuracy_difference"], result["accuracy_difference_ci"])
     lines += ["", "| paired, A vs B | value |", "|---|---|",
               f"| accuracy A - B (CI) | {difference} |",
               f"| both correct / only A / only B / both wrong | {result['both_correct']} / "
@@ -602,48 +595,35 @@ def format_comparison(result):
     return "\n".join(lines)
 
 
-def _scalar_metrics(section):
-    """Numbers of one metrics.json section, plus per-class F1 as f1_<class>; null -> NaN."""
-    scalars = {}
-    for key, value in section.items():
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            scalars[key] = float("nan") if value is None else float(value)
-    for name, scores in section.get("per_class", {}).items():
-        scalars[f"f1_{name}"] = float("nan") if scores["f1"] is None else float(scores["f1"])
-    return scalars
-
-
 def summarize_runs(run_dirs, section="test"):
-    """Mean and sample std (ddof=1) over runs of every scalar metric of metrics.json[section].
-
-    Per-class F1 is included as f1_<class>. Returns a JSON-ready dict {runs, section, n_runs,
-    std_definition, metrics: {name: {mean, std, values}}}; std is None for a single run.
-    All runs must report the same metrics.
-    """
+    """Mean and sample std (ddof=1; None for one run) over runs of each number in metrics.json
+    [section] and f1_<class> -> {runs, section, n_runs, std_definition, metrics: {name: {mean,
+    std, values}}}."""
     if not run_dirs:
-        raise ValueError("summary needs at least one run folder")
-    values = {}  # metric name -> one value per run
+        raise SystemExit("error: summary: no run folders given; pass one folder per seed")
+    values = {}  # metric name -> one value per run (null -> NaN)
     for run in run_dirs:
         metrics_path = os.path.join(run, "metrics.json")
         if not os.path.isfile(metrics_path):
-            raise FileNotFoundError(f"{metrics_path}: not found; is {run} a finished run folder?")
+            raise SystemExit(f"error: {metrics_path}: not found; is {run} a finished run folder?")
         with open(metrics_path) as file:
-            metrics = json.load(file)
-        if not metrics.get(section):  # missing, or null when the split was empty
-            raise ValueError(f"{metrics_path}: no {section!r} metrics (keys {sorted(metrics)})")
-        scalars = _scalar_metrics(metrics[section])
+            split = json.load(file).get(section)
+        if not split:  # missing, or null when the split was empty
+            raise SystemExit(f"error: {metrics_path}: no {section!r} metrics; pass finished runs")
+        scalars = {key: value for key, value in split.items()
+                   if value is None or type(value) in (int, float)}
+        scalars.update({f"f1_{name}": scores["f1"] for name, scores in split["per_class"].items()})
         if values and set(scalars) != set(values):
-            raise ValueError(f"{metrics_path}: metrics {sorted(set(scalars) ^ set(values))} are "
-                             f"not in every run; summarise runs made by the same script")
+            raise SystemExit(f"error: {metrics_path}: metrics {sorted(set(scalars) ^ set(values))} "
+                             "are not in every run; summarise runs made by the same script")
         for name, value in scalars.items():
-            values.setdefault(name, []).append(value)
+            values.setdefault(name, []).append(math.nan if value is None else float(value))
     summary = {name: {"mean": np.mean(run_values),
-                      "std": np.std(run_values, ddof=1) if len(run_values) > 1 else float("nan"),
+                      "std": np.std(run_values, ddof=1) if len(run_values) > 1 else math.nan,
                       "values": run_values} for name, run_values in values.items()}
     return _to_json({"runs": list(run_dirs), "section": section, "n_runs": len(run_dirs),
                      "std_definition": "sample standard deviation over runs (ddof=1); "
-                                       "null for a single run",
-                     "metrics": summary})
+                                       "null for a single run", "metrics": summary})
 
 
 def format_summary(summary):
@@ -657,51 +637,37 @@ def format_summary(summary):
     return "\n".join(lines)
 
 
-def _write_json(result, path):
-    """Write result as indented JSON (strict: no NaN), saying if an existing file is replaced."""
-    replaced = os.path.exists(path)
-    with open(path, "w") as file:
-        json.dump(result, file, indent=2, allow_nan=False)
-    print(f"\nwrote {path}" + (" (replaced the existing file)" if replaced else ""))
-
-
 def main(argv=None):
     """Command line: `compare RUN_A RUN_B` or `summary RUN...` (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Compare runs or summarise seeds of tumor-vlm.")
     commands = parser.add_subparsers(dest="command", required=True)
-    compare = commands.add_parser("compare", help="two runs on the same images: bootstrap CIs, "
-                                  "paired accuracy difference and McNemar's test")
+    compare = commands.add_parser("compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                  help="two runs on the same images: bootstrap CIs, McNemar")
     compare.add_argument("run_a", help="run folder A (with predictions.csv)")
     compare.add_argument("run_b", help="run folder B (with predictions.csv), same test images")
-    compare.add_argument("--json", help="output JSON (default: RUN_A/compare_<name of RUN_B>.json)")
+    compare.add_argument("--json", help="output JSON (default RUN_A/compare_<name of RUN_B>.json)")
     compare.add_argument("--ci-method", default=CI_METHOD, choices=("BCa", "percentile"),
-                         help=f"bootstrap interval method (default {CI_METHOD})")
-    compare.add_argument("--n-resamples", type=int, default=N_RESAMPLES,
-                         help=f"bootstrap resamples per interval (default {N_RESAMPLES})")
-    compare.add_argument("--seed", type=int, default=SEED,
-                         help=f"seed of the bootstrap resampling (default {SEED})")
+                         help="bootstrap interval method")
+    compare.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="resamples per CI")
+    compare.add_argument("--seed", type=int, default=SEED, help="seed of the bootstrap resampling")
     summary = commands.add_parser("summary", help="mean +- sample std of test metrics over runs")
-    summary.add_argument("runs", nargs="+",
-                         help="run folders (with metrics.json), e.g. one per seed")
-    summary.add_argument("--json", help="output JSON (default: summary.json in the runs' common "
-                         "parent folder)")
+    summary.add_argument("runs", nargs="+", help="run folders (with metrics.json), one per seed")
+    summary.add_argument("--json", help="output JSON (default summary.json in the runs' parent)")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "compare":
-            result = compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples,
-                                  args.seed)
-            text = format_comparison(result)
-            run_b_name = os.path.basename(os.path.normpath(args.run_b))
-            json_path = args.json or os.path.join(args.run_a, f"compare_{run_b_name}.json")
-        else:
-            result = summarize_runs(args.runs)
-            text = format_summary(result)
-            parents = [os.path.dirname(os.path.abspath(run)) for run in args.runs]
-            json_path = args.json or os.path.join(os.path.commonpath(parents), "summary.json")
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"stats.py {args.command}: {error}")
+    if args.command == "compare":
+        result = compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples, args.seed)
+        text = format_comparison(result)
+        run_b_name = os.path.basename(os.path.normpath(args.run_b))
+        json_path = args.json or os.path.join(args.run_a, f"compare_{run_b_name}.json")
+    else:
+        result = summarize_runs(args.runs)
+        text = format_summary(result)
+        parents = [os.path.dirname(os.path.abspath(run)) for run in args.runs]
+        json_path = args.json or os.path.join(os.path.commonpath(parents), "summary.json")
     print(text)
-    _write_json(result, json_path)
+    replaced = os.path.exists(json_path)
+    write_json(result, json_path)
+    print(f"\nwrote {json_path}" + (" (replaced the existing file)" if replaced else ""))
     return result
 
 

@@ -1,5 +1,20 @@
-"""CNN baselines: the stage split equals the library's forward, frozen stages stay frozen,
-weights load or fail clearly, training works. From-scratch weights only: nothing is downloaded."""
+"""baselines.py: the stage split equals timm's forward, frozen stages stay frozen, the paper's
+names are torchvision's architectures, weights load or fail clearly, training works.
+From-scratch weights only: nothing is downloaded.
+
+- Cached-path logits and gradients equal the full forward's (1e-4) for ResNet, DenseNet and
+  Xception; the split with the 1000-class layer kept equals timm's own forward (1e-5).
+- resnet50 and densenet121 load torchvision's state dicts and then give torchvision's features
+  (1e-5): the timm weights named in the README are torchvision's, in the same architecture.
+- Frozen BatchNorm statistics do not change in training; full fine-tuning trains everything and
+  caches nothing; the cache key names the stem (stages, weights).
+- Clear errors: an unknown stage (listing the stages) or model, a weights file of another
+  architecture, a file that is not weights at all (text, JPEG), an offline download.
+- Runs (timm's 0.4 M-parameter test_resnet): full fine-tuning learns the synthetic set (>= 0.9)
+  and writes the run folder; `--demo --out X --epochs 2` writes X/metrics.json with epochs 2; a
+  --train-from run killed after epoch 1 resumes to the same result.
+"""
+import argparse
 import json
 import urllib.error
 
@@ -8,30 +23,31 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 import baselines
-import engine
+import clip_tumor
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def small_model(name="resnet18", train_from=None, size=64, seed=0, pretrained="none"):
-    argv = ["--model", name, "--pretrained", pretrained, "--image-size", str(size),
-            "--seed", str(seed)] + (["--train-from", train_from] if train_from else [])
-    args = baselines.parse_args(argv)
+    args = argparse.Namespace(model=name, pretrained=pretrained, image_size=size, seed=seed,
+                              train_from=train_from, benchmark=False, no_cache=False)
     return baselines.build_model(args), args
 
 
 def run_args(synth_dir, tmp_path, *extra):
-    return ["--data", synth_dir, "--model", "resnet18", "--pretrained", "none",
-            "--image-size", "64", "--views", "2", "--lr", "1e-3",
+    return ["--data", synth_dir, "--model", "test_resnet", "--pretrained", "none",
+            "--image-size", "64", "--views", "2", "--lr", "3e-3",
             "--cache-dir", str(tmp_path / "cache"), *extra]
 
 
 @pytest.mark.parametrize("name, train_from, first_stages, classifier", [
-    ("resnet18", "layer3", ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"], "fc"),
-    ("densenet121", "denseblock4", ["conv0", "norm0", "relu0", "pool0", "denseblock1"],
+    ("resnet18", "layer3", ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2"], "fc"),
+    ("densenet121", "features.denseblock4", ["features.conv0", "features.norm0",
+                                             "features.pool0", "features.denseblock1"],
      "classifier"),
     ("xception", "block12", ["conv1", "bn1", "act1", "conv2", "bn2", "act2", "block1"], "fc"),
 ])
@@ -57,7 +73,7 @@ def test_cached_path_gives_same_logits_and_gradients_as_full_forward(name, train
         return logits.detach(), torch.autograd.grad(F.cross_entropy(logits, labels), params)
 
     full_logits, full_grads = logits_and_grads(lambda: model(images))
-    model.eval()  # the cache is built in eval mode (engine.build_cache), training is not
+    model.eval()  # the cache is built in eval mode (clip_tumor.build_cache), training is not
     with torch.no_grad():
         features = model.stem(images)
     model.train()
@@ -67,13 +83,11 @@ def test_cached_path_gives_same_logits_and_gradients_as_full_forward(name, train
         assert torch.allclose(g_cached, g_full, atol=1e-4)
 
 
-def test_split_reproduces_torchvision_forward_exactly():
-    """Our stem + top with the 1000-class layer kept equals torchvision's resnet18 itself."""
+def test_split_reproduces_timm_forward_exactly():
+    """Our stem + top with the 1000-class layer kept equals timm's resnet18 itself."""
     torch.manual_seed(0)
-    reference = torchvision.models.resnet18().eval()
-    stages, head = baselines.torchvision_stages(reference)
-    model = baselines.CNNClassifier(reference, stages, head, "layer4", "resnet18", "none",
-                                    baselines.IMAGENET_MEAN, baselines.IMAGENET_STD, 64)
+    reference = timm.create_model("resnet18").eval()
+    model = baselines.CNNClassifier(reference, "layer4", "resnet18", "none", 64).eval()
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         theirs = reference((images - model.mean) / model.std)
@@ -82,12 +96,28 @@ def test_split_reproduces_torchvision_forward_exactly():
     assert model.stem(images).shape == (2, 256, 4, 4)  # layer3's output at 64 px: stride 16
 
 
+@pytest.mark.parametrize("name, torchvision_name", [("resnet50", "resnet50"),
+                                                    ("densenet121", "densenet121")])
+def test_paper_names_are_torchvisions_architectures(name, torchvision_name):
+    """timm's tv*_in1k weights are torchvision's: the same keys, shapes and features."""
+    torch.manual_seed(0)
+    ours = timm.create_model(baselines.PAPER_MODELS[name], pretrained=False).eval()
+    theirs = torchvision.models.get_model(torchvision_name).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: every key and shape matches
+    ours.reset_classifier(0)                    # both return pooled features now
+    setattr(theirs, "fc" if name == "resnet50" else "classifier", torch.nn.Identity())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(images), theirs(images), atol=1e-5)
+    assert ours.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+
+
 def test_frozen_batchnorm_statistics_do_not_change_in_training():
     model, _ = small_model("resnet18", "layer4")
     frozen_mean = model.network.layer3[0].bn1.running_mean.clone()
     trainable_mean = model.network.layer4[0].bn1.running_mean.clone()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()  # what engine.train does every epoch
+    model.train()  # what clip_tumor.train does every epoch
     assert not model.network.layer3.training and model.network.layer4.training
     loss = F.cross_entropy(model(torch.rand(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
@@ -110,19 +140,25 @@ def test_cache_key_names_the_stem():
     a, _ = small_model("resnet18", "layer4", seed=0)
     b, _ = small_model("resnet18", "layer3", seed=0)
     c, _ = small_model("resnet18", "layer4", seed=1)
-    assert a.cache_key["stem_stages"][-1] == "layer3" and a.cache_key["train_from"] == "layer4"
+    assert a.cache_key["stem_stages"][-1] == "layer3" and b.cache_key["stem_stages"][-1] == "layer2"
+    assert "BasicBlock" in a.cache_key["architecture"]  # the frozen modules, printed
+    assert a.cache_key["architecture"] != b.cache_key["architecture"]
     assert a.cache_key["frozen_digest"] != c.cache_key["frozen_digest"]  # other random weights
     assert len({json.dumps(m.cache_key, sort_keys=True) for m in (a, b, c)}) == 3
 
 
 def test_unknown_stage_and_unknown_model_are_clear():
-    with pytest.raises(SystemExit, match="layer1, layer2, layer3, layer4"):
+    with pytest.raises(SystemExit, match="layer1, layer2, layer3, layer4$"):
         small_model("resnet18", "layer5")
-    with pytest.raises(SystemExit, match="unknown"):
+    with pytest.raises(SystemExit, match="--model no_such_net: unknown"):
         small_model("no_such_net")
+    with pytest.raises(SystemExit, match="--model resnet50.no_such_tag: unknown"):
+        small_model("resnet50.no_such_tag")
 
 
-def test_local_weights_file_round_trip_and_mismatch(tmp_path):
+def test_local_weights_files(tmp_path):
+    """A torchvision state dict loads into timm's model (classifier replaced afterwards); another
+    architecture's file and files that are not weights at all stop with one clear message."""
     torch.manual_seed(3)
     source = torchvision.models.resnet18()  # as saved from an ImageNet model: 1000 classes
     path = tmp_path / "resnet18.pth"
@@ -132,27 +168,35 @@ def test_local_weights_file_round_trip_and_mismatch(tmp_path):
     for key, value in source.state_dict().items():
         if not key.startswith("fc."):
             assert torch.equal(ours[key], value), key
-    assert ours["fc.weight"].shape == (4, 512)  # the classifier is replaced after loading
+    assert ours["fc.weight"].shape == (4, 512)
+    other_seed, _ = small_model("resnet18", "layer4", pretrained=str(path), seed=1)
     assert model.cache_key["weights"].startswith("file:")
+    assert model.cache_key == other_seed.cache_key  # the fresh 4-class layer is not in the key
 
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "resnet34.pth")
-    with pytest.raises(SystemExit, match="unexpected"):
+    with pytest.raises(SystemExit, match=r"does not fit ResNet: 0 missing key\(s\) \[\], \d+ "
+                                         r"unexpected \['layer1.2"):
         small_model("resnet18", pretrained=str(tmp_path / "resnet34.pth"))
+    (tmp_path / "notes.txt").write_text("these are not weights\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "scan.jpg")
+    for name in ("notes.txt", "scan.jpg", "missing.pth"):
+        with pytest.raises(SystemExit, match=f"error: --pretrained .*{name}: not a readable "
+                                             f"weights file .*torch.save"):
+            small_model("resnet18", pretrained=str(tmp_path / name))
 
 
-@pytest.mark.parametrize("name, library, function, source", [
-    ("resnet50", torchvision.models, "get_model", "resnet50-11ad3fa6.pth"),
-    ("xception", timm, "create_model", "xception-43020ad28.pth"),
-    ("xception65", timm, "create_model", "huggingface.co/timm/xception65"),
+@pytest.mark.parametrize("name, source", [
+    ("resnet50", "huggingface.co/timm/resnet50.tv2_in1k"),
+    ("densenet121", "huggingface.co/timm/densenet121.tv_in1k"),
+    ("xception", "xception-43020ad28.pth"),
 ])
-def test_unavailable_weights_give_one_clear_message(monkeypatch, name, library, function,
-                                                    source):
+def test_unavailable_weights_give_one_clear_message(monkeypatch, name, source):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(library, function, offline)
-    with pytest.raises(SystemExit, match="--pretrained /path/to/file") as error:
-        baselines.load_network(name, "default", 4)
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(SystemExit, match="--pretrained FILE") as error:
+        small_model(name, pretrained="default")
     assert source in str(error.value) and "--pretrained none" in str(error.value)
 
 
@@ -165,12 +209,22 @@ def test_training_learns_synthetic_set_and_writes_run_folder(synth_dir, tmp_path
         assert (out / name).is_file(), name
 
 
+def test_demo_options_given_by_the_user_win(tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_tumor, "DEMO_DIR", str(tmp_path / "demo"))
+    out = tmp_path / "X"
+    baselines.main(["--demo", "--model", "test_resnet", "--out", str(out), "--epochs", "2"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["epochs"] == 2 and saved["model"] == "test_resnet"
+    config = json.loads((out / "config.json").read_text())["args"]
+    assert config["pretrained"] == "none" and config["image_size"] == 64  # the demo's defaults
+
+
 def test_resume_with_train_from_gives_same_result(synth_dir, tmp_path, monkeypatch):
     extra = ("--train-from", "layer3", "--epochs", "2")
     whole = baselines.main(run_args(synth_dir, tmp_path, *extra, "--out", str(tmp_path / "a")))
     assert whole["cached"]
     saves = []
-    original = engine.atomic_save
+    original = clip_tumor.atomic_save
 
     def killed_after_first_epoch(obj, path):
         original(obj, path)
@@ -179,9 +233,10 @@ def test_resume_with_train_from_gives_same_result(synth_dir, tmp_path, monkeypat
             if len(saves) == 1:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "atomic_save", killed_after_first_epoch)
+    monkeypatch.setattr(clip_tumor, "atomic_save", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         baselines.main(run_args(synth_dir, tmp_path, *extra, "--out", str(tmp_path / "b")))
+    (tmp_path / "b" / ".lock").unlink(missing_ok=True)  # a killed process's lock is stale
     resumed = baselines.main(["--resume", str(tmp_path / "b")])
     assert resumed["best_epoch"] == whole["best_epoch"]
     for part in ("train", "val", "test"):

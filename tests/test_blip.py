@@ -1,5 +1,20 @@
-"""BLIP classifier: the fast paths equal the slow ones and transformers' own, the weights are the
-right ones (random-init refusal), the ITM head trains, and training works (no downloads)."""
+"""blip_tumor.py: the fast paths equal the slow ones and transformers' own, the weights are the
+right ones, the ITM head trains, and training works (a tiny random BLIP; no downloads).
+
+- cls_only_layer equals the full layer's CLS output (1e-5); the cosine and itm scores equal
+  BlipForImageTextRetrieval's ITC and ITM scores (1e-5); the position table resized at load gives
+  the embeddings of transformers' interpolate_pos_encoding (1e-6).
+- Cached-path logits and gradients equal the full forward's (1e-4) for every head; the trainable
+  set of each head; the itm head's gradients reach the image tokens, not the text encoder.
+- The cache key is one for every head (no logit scale in it) and changes with the stem; vision
+  attention dropout is refused (the exactness assumption, an assert).
+- Weights: BlipModel's checkpoint and one without vision_proj are refused, naming the missing
+  weights, for the heads that read them; an offline download and a missing folder give one
+  clear message.
+- Runs: the tiny model learns the synthetic set (>= 0.9) and writes the run folder; zero-shot
+  itm; a run killed after epoch 1 resumes to the same result.
+"""
+import argparse
 import json
 
 import pytest
@@ -8,15 +23,15 @@ import torch.nn.functional as F
 from transformers import BlipConfig, BlipForImageTextRetrieval, BlipModel
 
 import blip_tumor
-import engine
+import clip_tumor
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
-def tiny_model(weights, head="cosine", image_size=64, seed=0):
-    args = blip_tumor.parse_args(["--weights", weights, "--head", head, "--image-size",
-                                  str(image_size), "--seed", str(seed)])
-    return blip_tumor.build_model(args)
+def tiny_model(weights, head="cosine", image_size=64, seed=0, trainable_blocks=2):
+    return blip_tumor.build_model(argparse.Namespace(
+        weights=weights, head=head, image_size=image_size, seed=seed, benchmark=False,
+        epochs=1, trainable_blocks=trainable_blocks))
 
 
 def run_args(synth_dir, weights, tmp_path, *extra):
@@ -52,18 +67,21 @@ def test_scores_match_transformers_retrieval_model(tiny_blip_weights):
             assert torch.allclose(ours_itm[:, c], theirs_itm[:, 1], atol=1e-5)
 
 
-def test_position_embedding_interpolation(tiny_blip_weights):
-    """Identity at the native size; elsewhere equal to transformers' interpolate_pos_encoding."""
+def test_position_table_is_resized_at_load(tiny_blip_weights):
+    """Unchanged at the native size; elsewhere our embeddings equal transformers' with
+    interpolate_pos_encoding=True (which resizes on every call)."""
     reference = BlipForImageTextRetrieval.from_pretrained(tiny_blip_weights).eval()
     table = reference.vision_model.embeddings.position_embedding.detach()   # (1, 1 + 8*8, D)
-    assert torch.equal(blip_tumor.resize_position_embedding(table, 8), table)
+    native = tiny_model(tiny_blip_weights, image_size=64)
+    assert torch.equal(native.vision.embeddings.position_embedding, table)
     model = tiny_model(tiny_blip_weights, image_size=96)                   # grid 8 -> 12
     assert model.vision.embeddings.position_embedding.shape == (1, 1 + 12 * 12, 64)
     images = torch.rand(2, 3, 96, 96)
+    pixels = (images - model.mean) / model.std
     with torch.no_grad():
-        ours = model.embed(images)
-        theirs = reference.vision_model.embeddings((images - model.mean) / model.std,
-                                                   interpolate_pos_encoding=True)
+        ours = model.vision.embeddings(pixels)
+        theirs = reference.vision_model.embeddings(pixels, interpolate_pos_encoding=True)
+        assert model.stem(images).shape == (2, 1 + 12 * 12, 64)
     assert torch.allclose(ours, theirs, atol=1e-6)
     assert model.cache_key["image_size"] == 96
 
@@ -112,6 +130,7 @@ def test_itm_head_shapes_and_gradients(tiny_blip_weights):
     cross-attention, the image tokens; the text encoder itself gets no gradient."""
     model = tiny_model(tiny_blip_weights, "itm")
     model.train()
+    assert not model.text_encoder.training and not model.stem_layers.training
     with torch.no_grad():
         tokens = model.stem(torch.rand(5, 3, 64, 64))
     tokens.requires_grad_(True)
@@ -126,15 +145,47 @@ def test_itm_head_shapes_and_gradients(tiny_blip_weights):
     assert logits.detach().std(dim=1).min() > 0
 
 
+def test_cache_key_is_one_for_every_head_and_names_the_stem(tiny_blip_weights):
+    """logit_scale trains for cosine only and stays out of the key: every head, loss and seed
+    reads one cache. Another depth, size or architecture is another key."""
+    keys = [json.dumps(tiny_model(tiny_blip_weights, head, seed=seed).cache_key, sort_keys=True)
+            for head, seed in (("cosine", 0), ("mlp", 1), ("itm", 2))]
+    assert len(set(keys)) == 1
+    cosine = tiny_model(tiny_blip_weights)
+    assert "logit_scale" in {n for n, p in cosine.named_parameters() if p.requires_grad}
+    others = [tiny_model(tiny_blip_weights, trainable_blocks=1).cache_key,
+              tiny_model(tiny_blip_weights, image_size=96).cache_key]
+    assert all(json.dumps(key, sort_keys=True) not in keys for key in others)
+    assert cosine.cache_key["vision_config"]["num_attention_heads"] == 4
+
+
+def test_vision_attention_dropout_is_refused():
+    """The cached stem and the CLS-only last layer skip attention dropout: exact only at 0."""
+    config = json.loads(json.dumps(blip_tumor.TINY_CONFIG))
+    config["vision_config"]["attention_dropout"] = 0.1
+    blip, processor = blip_tumor.random_blip(**config)
+    with pytest.raises(AssertionError, match="attention dropout"):
+        blip_tumor.BLIPClassifier(blip, processor, "cosine", "tiny", "random", 64, 2)
+
+
+def test_trainable_blocks_zero_is_a_probe_on_frozen_features(tiny_blip_weights):
+    model = tiny_model(tiny_blip_weights, "mlp", trainable_blocks=0)
+    images = torch.rand(3, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.top(model.stem(images)), model(images), atol=1e-5)
+    assert len(model.stem_layers) == 4 and model.cache_key["stem_blocks"] == 4
+
+
 def test_refuses_newly_initialised_weights(tmp_path, tiny_blip_weights):
     """BlipModel's checkpoint (no text_encoder / vision_proj / itm_head under these names) and a
-    retrieval checkpoint missing vision_proj are refused, listing the missing weights."""
-    _, processor = blip_tumor.random_blip(BlipConfig(**blip_tumor.TINY_CONFIG))
+    retrieval checkpoint missing vision_proj are refused, naming the missing weights."""
+    _, processor = blip_tumor.random_blip(**blip_tumor.TINY_CONFIG)
     blip_model_dir = str(tmp_path / "blip-model")
     BlipModel(BlipConfig(**blip_tumor.TINY_CONFIG)).save_pretrained(blip_model_dir)
     processor.save_pretrained(blip_model_dir)
     for head in ("cosine", "itm"):
-        with pytest.raises(SystemExit, match=r"would be randomly initialised:[\s\S]*text_encoder"):
+        with pytest.raises(SystemExit, match=r"would start random: [\s\S]*text_encoder"):
             tiny_model(blip_model_dir, head)
 
     complete = BlipForImageTextRetrieval.from_pretrained(tiny_blip_weights)
@@ -146,63 +197,68 @@ def test_refuses_newly_initialised_weights(tmp_path, tiny_blip_weights):
     with pytest.raises(SystemExit) as refusal:
         tiny_model(partial_dir, "cosine")
     message = str(refusal.value)
-    assert "2 weight(s)" in message and "vision_proj.weight" in message \
-        and "vision_proj.bias" in message
+    assert message.startswith("error: ") and "2 weight(s)" in message \
+        and "vision_proj.bias, vision_proj.weight" in message
     # heads that never read vision_proj may use that checkpoint; the complete one loads for all
     assert tiny_model(partial_dir, "itm").n_classes == 4
     assert tiny_model(partial_dir, "mlp").n_classes == 4
-    _, _, missing = blip_tumor.load_blip(tiny_blip_weights)
-    assert missing == []
+    for head in ("cosine", "mlp", "itm"):
+        assert tiny_model(tiny_blip_weights, head).n_classes == 4
 
 
-def test_unavailable_weights_give_one_clear_message(monkeypatch):
+def test_unavailable_weights_give_one_clear_message(monkeypatch, tmp_path):
+    not_weights = tmp_path / "notes"
+    not_weights.mkdir()
+    (not_weights / "config.json").write_text("not json")
+    with pytest.raises(SystemExit, match="cannot load BLIP .*; pass a folder written by"):
+        blip_tumor.load_blip(str(not_weights), "cosine")
+    with pytest.raises(SystemExit, match="cannot load BLIP .*; pass a folder written by"):
+        blip_tumor.load_blip("./not-here", "cosine")
+
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(BlipForImageTextRetrieval, "from_pretrained", offline)
     with pytest.raises(SystemExit, match="hf download Salesforce/blip-itm-base-coco"):
-        blip_tumor.load_blip(blip_tumor.WEIGHTS)
-    with pytest.raises(SystemExit, match="no such folder"):
-        blip_tumor.load_blip("./not-here")
+        blip_tumor.load_blip(blip_tumor.WEIGHTS, "cosine")
 
 
 def test_training_learns_synthetic_set_and_writes_run_folder(tiny_blip_weights, synth_dir,
                                                              tmp_path):
     out = tmp_path / "run"
-    metrics = blip_tumor.main(run_args(synth_dir, tiny_blip_weights, tmp_path, "--out", str(out)))
+    metrics = blip_tumor.main(run_args(synth_dir, tiny_blip_weights, tmp_path, "--epochs", "12",
+                                       "--lr", "2e-3", "--out", str(out)))
     assert metrics["test"]["accuracy"] >= 0.9
     for name in ("config.json", "metrics.json", "predictions.csv", "report.txt",
                  "confusion_matrix.png", "curves.png", "checkpoint.pt", "best.pt"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test"]["accuracy"] == metrics["test"]["accuracy"]
-    assert saved["model"] == "blip-tiny" and saved["epochs"] == 30
+    assert saved["model"] == "blip-tiny" and saved["epochs"] == 12 and saved["cached"]
 
 
 def test_zero_shot_itm_and_resume_share_the_cache(tiny_blip_weights, synth_dir, tmp_path,
                                                   monkeypatch):
-    """--epochs 0 --head itm evaluates; the itm head reads the same cached stem as cosine, and a
-    run stopped after epoch 1 resumes to the same result."""
-    cosine, itm = tiny_model(tiny_blip_weights), tiny_model(tiny_blip_weights, "itm")
-    assert cosine.cache_key == itm.cache_key
+    """--epochs 0 --head itm evaluates; a run stopped after epoch 1 resumes to the same result."""
     zero_shot = blip_tumor.main(run_args(synth_dir, tiny_blip_weights, tmp_path, "--head", "itm",
                                          "--epochs", "0", "--out", str(tmp_path / "zs")))
     assert zero_shot["best_epoch"] == 0 and 0 <= zero_shot["test"]["accuracy"] <= 1
 
     whole = blip_tumor.main(run_args(synth_dir, tiny_blip_weights, tmp_path, "--head", "itm",
                                      "--epochs", "2", "--out", str(tmp_path / "whole")))
-    original = engine.atomic_save
+    original = clip_tumor.atomic_save
 
     def killed_after_first_epoch(obj, path):
         original(obj, path)
         if path.endswith("checkpoint.pt"):
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1
 
-    monkeypatch.setattr(engine, "atomic_save", killed_after_first_epoch)
+    monkeypatch.setattr(clip_tumor, "atomic_save", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         blip_tumor.main(run_args(synth_dir, tiny_blip_weights, tmp_path, "--head", "itm",
                                  "--epochs", "2", "--out", str(tmp_path / "split")))
-    monkeypatch.setattr(engine, "atomic_save", original)
+    monkeypatch.setattr(clip_tumor, "atomic_save", original)
+    (tmp_path / "split" / ".lock").unlink(missing_ok=True)  # a killed process's lock is stale
     resumed = blip_tumor.main(["--resume", str(tmp_path / "split")])
     for part in ("train", "val", "test"):
         assert resumed[part]["accuracy"] == whole[part]["accuracy"]

@@ -1,4 +1,16 @@
-"""CLIP classifier: the fast paths equal the slow ones, the cache is safe, training works."""
+"""clip_tumor.py: the fast paths equal the slow ones, the cache is safe, the loop and run work.
+
+- cls_only_block equals the full block's CLS output (1e-5); our embedding equals open_clip's own;
+  cached-path logits and gradients equal the full forward's (1e-4) for every head; the trainable
+  set is open_clip's lock_image_tower(unlocked_groups=3).
+- Feature cache: fp16 entries equal the stem's output to fp16 precision, reuse (the stem never
+  runs twice), staleness (other weights -> other folder), an interrupted write leaves no entry.
+- Runs: the tiny model learns the synthetic set (>= 0.9) and writes the run folder; resume after
+  a kill equals an uninterrupted run; --select-on test is announced; zero-shot; the offline
+  message; --seeds mean/std against NumPy; the leak-free test part; --skip-bad.
+- Losses (focal vs its formula and CE, hybrid, balanced weights vs sklearn), the LR schedule vs
+  torch's CosineAnnealingWarmRestarts, out-of-range options named in one error.
+"""
 import csv
 import json
 import os
@@ -11,13 +23,13 @@ import torch.nn.functional as F
 
 import clip_tumor
 import data
-import engine
+import argparse
 
 
-def tiny_model(config, head="cosine", seed=0):
-    args = clip_tumor.parse_args(["--model", config, "--pretrained", "none", "--head", head,
-                                  "--seed", str(seed)])
-    return clip_tumor.build_model(args)
+def tiny_model(config, head="cosine", seed=0, trainable_blocks=2):
+    return clip_tumor.build_model(argparse.Namespace(
+        model=config, pretrained="none", head=head, seed=seed, benchmark=False, epochs=1,
+        trainable_blocks=trainable_blocks))
 
 
 def run_args(synth_dir, config, tmp_path, *extra):
@@ -84,44 +96,45 @@ def test_trainable_parameters_are_what_open_clip_unlocks(tiny_clip_config):
 
 def test_feature_cache_round_trip_reuse_and_staleness(tiny_clip_config, synth_dir, tmp_path):
     model = tiny_model(tiny_clip_config)
-    cache = engine.FeatureCache(str(tmp_path / "cache"), model.cache_key)
+    cache = clip_tumor.FeatureCache(str(tmp_path / "cache"), model)
     samples = data.load_splits(synth_dir, 0).test[:5]
     hashes = {s.path: data.file_hash(os.path.join(synth_dir, s.path)) for s in samples}
     jobs = {s.path: (hashes[s.path], 2) for s in samples}
-    engine.build_cache(model, cache, jobs, synth_dir, "cpu", 4, False)
+    clip_tumor.build_cache(model, cache, jobs, synth_dir, "cpu", 4, False)
     # stored fp16 features equal the stem's float32 output to fp16 precision
     image = data.load_rgb(os.path.join(synth_dir, samples[0].path))
     with torch.no_grad():
         expected = model.stem(data.image_view(image, hashes[samples[0].path], 1, 64)[None])[0]
-    stored = cache.get([hashes[samples[0].path]], [1])[0]
+    stored = cache.read(cache.path(hashes[samples[0].path], 1))
     assert torch.allclose(stored, expected, rtol=1e-3, atol=1e-3)
 
     calls = []
     original_stem = model.stem
     model.stem = lambda x: calls.append(len(x)) or original_stem(x)
-    engine.build_cache(model, cache, jobs, synth_dir, "cpu", 4, False)
+    clip_tumor.build_cache(model, cache, jobs, synth_dir, "cpu", 4, False)
     assert calls == []  # everything was cached: the stem never ran
     jobs[samples[0].path] = (hashes[samples[0].path], 3)  # one more view: only it is computed
-    engine.build_cache(model, cache, jobs, synth_dir, "cpu", 4, False)
+    clip_tumor.build_cache(model, cache, jobs, synth_dir, "cpu", 4, False)
     assert calls == [1]
     # another stem (different weights) is a different folder: nothing stale is read
-    other = engine.FeatureCache(str(tmp_path / "cache"), tiny_model(tiny_clip_config,
-                                                                    seed=1).cache_key)
-    assert other.dir != cache.dir and not other.has(hashes[samples[0].path], 0)
+    other = clip_tumor.FeatureCache(str(tmp_path / "cache"), tiny_model(tiny_clip_config, seed=1))
+    assert other.dir != cache.dir
+    assert not os.path.exists(other.path(hashes[samples[0].path], 0))
 
 
-def test_interrupted_cache_write_leaves_no_entry(tmp_path, monkeypatch):
-    cache = engine.FeatureCache(str(tmp_path), {"model": "x"})
+def test_interrupted_cache_write_leaves_no_entry(tiny_clip_config, tmp_path, monkeypatch):
+    cache = clip_tumor.FeatureCache(str(tmp_path), tiny_model(tiny_clip_config))
+    original = clip_tumor.hashlib.sha1
 
-    def crash(path, array):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
-        raise KeyboardInterrupt
+    def crash(payload):
+        raise KeyboardInterrupt  # killed after the temporary file was opened
 
-    monkeypatch.setattr(np, "save", crash)
+    monkeypatch.setattr(clip_tumor.hashlib, "sha1", crash)
     with pytest.raises(KeyboardInterrupt):
         cache.put("ab" * 20, 0, torch.zeros(3, 4))
-    assert not cache.has("ab" * 20, 0)
+    monkeypatch.setattr(clip_tumor.hashlib, "sha1", original)
+    folder = os.path.dirname(cache.path("ab" * 20, 0))
+    assert not os.path.exists(cache.path("ab" * 20, 0)) and os.listdir(folder) == []
 
 
 def test_training_learns_synthetic_set_and_writes_run_folder(tiny_clip_config, synth_dir,
@@ -150,7 +163,7 @@ def test_resume_after_interruption_gives_same_result(tiny_clip_config, synth_dir
     whole = clip_tumor.main(run_args(synth_dir, tiny_clip_config, tmp_path, "--epochs", "3",
                                      "--out", str(tmp_path / "whole")))
     saves = []
-    original = engine.atomic_save
+    original = clip_tumor.atomic_save
 
     def killed_after_first_epoch(obj, path):
         original(obj, path)
@@ -159,7 +172,7 @@ def test_resume_after_interruption_gives_same_result(tiny_clip_config, synth_dir
             if len(saves) == 1:
                 raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1
 
-    monkeypatch.setattr(engine, "atomic_save", killed_after_first_epoch)
+    monkeypatch.setattr(clip_tumor, "atomic_save", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         clip_tumor.main(run_args(synth_dir, tiny_clip_config, tmp_path, "--epochs", "3",
                                  "--out", str(tmp_path / "split")))
@@ -236,3 +249,71 @@ def test_undecodable_image_stops_the_run_unless_skip_bad(tiny_clip_config, tmp_p
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["undecodable_skipped"] == ["Training/pituitary/broken.jpg"]
     assert sum(config["counts"]["train"]) + sum(config["counts"]["val"]) == 32
+
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy_and_matches_formula():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(12, 4), torch.randint(0, 4, (12,))
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    assert torch.allclose(clip_tumor.focal_loss(logits, targets, gamma=0.0),
+                          F.cross_entropy(logits, targets), atol=1e-6)
+    assert torch.allclose(clip_tumor.focal_loss(logits, targets, weight, gamma=0.0),
+                          F.cross_entropy(logits, targets, weight=weight), atol=1e-6)
+    # gamma = 2, written out per sample: -(1 - p_t)^2 log p_t, weighted mean
+    p = logits.softmax(-1)[torch.arange(12), targets].double()
+    w = weight[targets].double()
+    expected = (w * -(1 - p) ** 2 * p.log()).sum() / w.sum()
+    assert clip_tumor.focal_loss(logits, targets, weight).item() == pytest.approx(expected.item(),
+                                                                              rel=1e-5)
+
+
+def test_hybrid_loss_is_the_mean_of_ce_and_focal():
+    logits, targets = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    hybrid = clip_tumor.make_loss("hybrid", None)(logits, targets)
+    expected = 0.5 * (F.cross_entropy(logits, targets) + clip_tumor.focal_loss(logits, targets))
+    assert torch.allclose(hybrid, expected)
+
+
+def test_balanced_class_weights_match_sklearn():
+    from sklearn.utils.class_weight import compute_class_weight
+    labels = np.array([0] * 10 + [1] * 30 + [2] * 5 + [3] * 55)
+    ours = clip_tumor.balanced_class_weights(labels, 4).numpy()
+    theirs = compute_class_weight("balanced", classes=np.arange(4), y=labels)
+    assert np.allclose(ours, theirs)
+
+
+def test_out_of_range_options_are_named_in_one_error(tiny_clip_config, synth_dir):
+    with pytest.raises(SystemExit, match=r"--views 0: at least 1.*--val-fraction 1.5"):
+        clip_tumor.main(["--data", synth_dir, "--model", tiny_clip_config, "--pretrained", "none",
+                         "--views", "0", "--val-fraction", "1.5"])
+    with pytest.raises(SystemExit, match="--split nope.csv: no such file"):
+        clip_tumor.main(["--data", synth_dir, "--split", "nope.csv"])
+
+
+def test_learning_rate_follows_torch_warm_restarts_and_warms_up():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=5)
+    for epoch in range(12):
+        for step in range(4):
+            scheduler.step(epoch + (step + 1) / 4)
+            ours = clip_tumor.learning_rate(epoch + (step + 1) / 4, 3e-4, warmup_epochs=0)
+            assert ours == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+    assert clip_tumor.learning_rate(0.5, 3e-4, warmup_epochs=1) == pytest.approx(1.5e-4)
+    assert clip_tumor.learning_rate(1.0, 3e-4, warmup_epochs=1) == pytest.approx(3e-4)
+
+
+def test_demo_defaults_yield_to_the_options_given(tmp_path, monkeypatch, capsys):
+    """--demo supplies defaults only: --out, --epochs and --seed win, nothing goes under runs/,
+    and a log (not a terminal) gets lines, not progress-bar redraws."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "X"
+    clip_tumor.main(["--demo", "--out", str(out), "--epochs", "3", "--seed", "7"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["seed"] == 7 and not (tmp_path / "runs").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["data"].endswith("data") and config["args"]["cache_dir"]
+    log = capsys.readouterr()
+    text = log.out + log.err
+    assert text.count("\r") <= 50 and len(text.splitlines()) <= 200
+    assert max(len(line) for line in text.splitlines()) <= 400

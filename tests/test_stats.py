@@ -1,8 +1,22 @@
-"""Tests for stats.py: each metric against scikit-learn (the oracle, used only here), McNemar
-against published worked examples, bootstrap intervals against coverage on simulated data and
-a textbook BCa, and the command line end to end on fake run folders.
+"""Tests for stats.py, each against an independent oracle or a worked example:
 
-Run: python -m pytest -q tests/test_stats.py
+- every metric against scikit-learn (used only here) on 5 random seeds with tied scores and a
+  class never predicted, to 1e-10; macro means over the classes present in y_true (sklearn's
+  labels=); ROC/PR curve points against roc_curve / precision_recall_curve; AUC 3.5/4, AP
+  1/2 + 1/3 and ECE 0.3625 on hand-computed cases;
+- McNemar against published numbers (Agresti's presidential approval 17.36 / 16.82, Wikipedia
+  21.35, calcugator.com exact p 0.057373046875, stat-tools.xyz 2.1176 / 0.1456 / 0.1435);
+- bootstrap: coverage of 95 % percentile and BCa intervals on 200 simulated test sets, BCa of a
+  skewed mean against a textbook BCa (Efron & Tibshirani 1993), macro-F1 and paired-difference
+  intervals identical to scipy with sklearn / per-image statistics;
+- calibration: a known temperature is recovered, validation NLL never rises (and is at least as
+  low as a brute-force temperature scan), the tumour threshold matches a brute-force F1 scan;
+- pointing game on hand-made maps with known answers, and chance = the hit rate of every brain
+  pixel taken as the map's peak in turn;
+- the run folder (strict JSON, predictions.csv read back, report, figures) and the compare /
+  summary command lines end to end on fake run folders.
+
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_stats.py (about 10 s)
 """
 import csv
 import json
@@ -17,6 +31,7 @@ import stats
 
 SEEDS = (0, 1, 2, 3, 4)
 N_CLASSES = 4
+NAMES = ("glioma", "meningioma", "notumor", "pituitary")
 
 
 def random_labels(seed, n=300):
@@ -50,7 +65,9 @@ def test_hard_prediction_metrics_match_sklearn(seed):
     expected = sk.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     for ours, theirs in zip((precision, recall, f1, support), expected):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
-    sensitivity, specificity = stats.sensitivity_specificity(y_true, y_pred, N_CLASSES)
+    per_class = stats.metrics_dict(y_true, y_pred, None, NAMES)["per_class"].values()
+    sensitivity = [scores["sensitivity"] for scores in per_class]
+    specificity = [scores["specificity"] for scores in per_class]
     one_vs_rest = sk.multilabel_confusion_matrix(y_true, y_pred, labels=labels)  # (C, 2, 2)
     (tn, fp), (fn, tp) = np.moveaxis(one_vs_rest, 0, -1)
     np.testing.assert_allclose(sensitivity, tp / (tp + fn), atol=1e-10)
@@ -155,7 +172,7 @@ def test_expected_calibration_error_matches_loop_over_bins(seed):
 
 def test_metrics_dict_is_json_and_matches_sklearn():
     y_true, y_pred, probs = random_labels(1)  # class 3 never predicted
-    names = stats.CLASSES
+    names = NAMES
     metrics = stats.metrics_dict(y_true, y_pred, probs, names)
     metrics = json.loads(json.dumps(metrics, allow_nan=False))  # strict JSON round trip
     averaging = {"labels": list(range(N_CLASSES)), "zero_division": 0}
@@ -175,9 +192,37 @@ def test_metrics_dict_is_json_and_matches_sklearn():
     assert "roc_auc" not in without_probs["per_class"]["glioma"]
 
 
+def test_macro_means_skip_a_class_absent_from_y_true():
+    """Issue 11: perfect predictions with no notumor image give macro-F1 1.0 (not 0.75), as
+    sklearn with labels = the present classes; the same on imperfect random predictions."""
+    y_true = np.array([0, 0, 1, 1, 1, 3, 3])
+    perfect = stats.metrics_dict(y_true, y_true, np.eye(4)[y_true], NAMES)
+    present = [0, 1, 3]
+    assert perfect["macro_f1"] == 1.0 == sk.f1_score(y_true, y_true, labels=present,
+                                                     average="macro")
+    assert perfect["macro_precision"] == perfect["macro_recall"] == 1.0
+    assert perfect["macro_roc_auc"] == 1.0 and perfect["per_class"]["notumor"]["roc_auc"] is None
+    y_true, y_pred, probs = random_labels(0)
+    y_true[y_true == 2] = 1
+    metrics = stats.metrics_dict(y_true, y_pred, probs, NAMES)  # class 2 still predicted
+    for key, score in (("macro_f1", sk.f1_score), ("macro_precision", sk.precision_score),
+                       ("macro_recall", sk.recall_score)):
+        expected = score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+        assert metrics[key] == pytest.approx(expected, abs=1e-12)
+        wrong = score(y_true, y_pred, labels=range(4), average="macro", zero_division=0)
+        assert abs(metrics[key] - wrong) > 1e-3  # the test can tell the two definitions apart
+    report = stats.classification_report(y_true, y_pred, NAMES).splitlines()
+    expected = sk.classification_report(y_true, y_pred, labels=present, output_dict=True,
+                                        zero_division=0)["macro avg"]
+    assert report[6].split()[2:5] == [f"{expected[m]:.2f}" for m in
+                                      ("precision", "recall", "f1-score")]
+    assert "notumor" in report[8]
+    assert stats.macro_f1_ci(np.array([0, 1, 3] * 20), np.array([0, 1, 3] * 20), 4) == (1.0, 1.0)
+
+
 def test_classification_report_numbers_match_sklearn():
     y_true, y_pred, _ = random_labels(2)
-    report = stats.classification_report(y_true, y_pred, stats.CLASSES).splitlines()
+    report = stats.classification_report(y_true, y_pred, NAMES).splitlines()
     expected = sk.classification_report(y_true, y_pred, output_dict=True, zero_division=0)
     assert report[0].split() == ["Class", "Precision", "Recall", "F1-score", "Support"]
     def two_decimals(row):
@@ -290,23 +335,24 @@ def test_bca_of_a_skewed_mean_matches_textbook_bca():
     """Exponential data (skewed): BCa moves the interval right of the percentile one; ours must
     equal an independent textbook BCa up to Monte Carlo error (20000 resamples each)."""
     values = np.random.default_rng(1).exponential(size=50)
-    ours = stats.bootstrap_ci((values,), stats._mean, method="BCa", n_resamples=20000, seed=3)
+    ours = stats.bootstrap_ci((values,), np.mean, method="BCa", n_resamples=20000, seed=3)
     reference = textbook_bca(values, 20000, seed=7)
     np.testing.assert_allclose(ours, reference, atol=0.025)
-    percentile = stats.bootstrap_ci((values,), stats._mean, method="percentile",
+    percentile = stats.bootstrap_ci((values,), np.mean, method="percentile",
                                     n_resamples=20000, seed=3)
     assert reference[0] - percentile[0] > 0.04  # the check above can tell the two methods apart
 
 
 def test_macro_f1_ci_equals_scipy_with_sklearn_statistic():
     """Same seed -> same resampled indices, so the vectorised bincount statistic must give the
-    interval that scipy gets from sklearn's f1_score called once per resample."""
+    interval that scipy gets from sklearn's f1_score called once per resample, averaged over the
+    classes present in that resample (class 2 has 2 images: ~13 % of resamples miss it)."""
     y_true, y_pred, _ = random_labels(1, n=120)
-    labels = list(range(N_CLASSES))
+    y_true[np.flatnonzero(y_true == 2)[2:]] = 0
 
     def sklearn_macro_f1(true_resample, pred_resample):
-        return sk.f1_score(true_resample, pred_resample, labels=labels, average="macro",
-                           zero_division=0)
+        return sk.f1_score(true_resample, pred_resample, labels=np.unique(true_resample),
+                           average="macro", zero_division=0)
 
     for method in ("percentile", "BCa"):
         ours = stats.macro_f1_ci(y_true, y_pred, N_CLASSES, method=method, n_resamples=300, seed=5)
@@ -339,7 +385,7 @@ def test_constant_data_gives_a_point_interval():
 def write_run(run_dir, paths, y_true, y_pred, probs, seed=0):
     """A fake run folder: predictions.csv and metrics.json as the training scripts write them."""
     os.makedirs(run_dir, exist_ok=True)
-    names = stats.CLASSES
+    names = NAMES
     with open(os.path.join(run_dir, "predictions.csv"), "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["path", "label", "pred"] + [f"p_{name}" for name in names])
@@ -353,7 +399,7 @@ def write_run(run_dir, paths, y_true, y_pred, probs, seed=0):
 
 def image_paths(y_true):
     """Dataset-relative image paths like the real test split's, one per label."""
-    return [f"Testing/{stats.CLASSES[c]}/Te-{i:04d}.jpg" for i, c in enumerate(y_true)]
+    return [f"Testing/{NAMES[c]}/Te-{i:04d}.jpg" for i, c in enumerate(y_true)]
 
 
 def fake_pair(tmp_path, n=200):
@@ -377,13 +423,13 @@ def test_read_predictions_round_trip_and_missing_column(tmp_path):
     y_true, pred_a, _ = fake_pair(tmp_path)
     read = stats.read_predictions(tmp_path / "run_a" / "predictions.csv")
     paths, labels, preds, probs, class_names = read
-    assert class_names == stats.CLASSES and len(paths) == 200
+    assert class_names == NAMES and len(paths) == 200
     np.testing.assert_array_equal(labels, y_true)
     np.testing.assert_array_equal(preds, pred_a)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     broken = tmp_path / "broken.csv"
     broken.write_text("path,label,p_glioma\nx.jpg,glioma,1.0\n")
-    with pytest.raises(ValueError, match=r"broken\.csv: missing column\(s\) \['pred'\]"):
+    with pytest.raises(SystemExit, match=r"broken\.csv: missing column\(s\) \['pred'\]"):
         stats.read_predictions(broken)
 
 
@@ -447,12 +493,178 @@ def test_summary_cli_is_mean_and_sample_std(tmp_path):
     assert stats.summarize_runs(runs[:1])["metrics"]["accuracy"]["std"] is None
 
 
-def test_plots_write_pngs(tmp_path):
+def test_write_run_folder_files_read_back(tmp_path):
     from matplotlib.image import imread
-    y_true, y_pred, probs = random_labels(0, n=80)
-    stats.plot_confusion_matrix(stats.confusion_matrix(y_true, y_pred, 4), stats.CLASSES,
-                                tmp_path / "cm.png", "test")
-    stats.plot_run_figures(y_true, probs, stats.CLASSES, tmp_path / "figures")
-    for name in ("roc.png", "pr.png", "reliability.png"):
-        assert imread(tmp_path / "figures" / name).ndim == 3  # (H, W, RGBA)
-    assert imread(tmp_path / "cm.png").ndim == 3
+    y_true, _, probs = random_labels(0, n=80)
+    paths = image_paths(y_true)
+    metrics = {"seed": 7, "test": stats.metrics_dict(y_true, probs.argmax(1), probs, NAMES),
+               "loss": float("nan"), "ratio": np.float32(np.inf), "counts": np.arange(3)}
+    history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.5, "select_loss": 1.0,
+                "select_accuracy": 0.4} for e in (1, 2)]
+    for out, epochs in ((tmp_path / "trained", history), (tmp_path / "zero_shot", [])):
+        out.mkdir()
+        stats.write_run_folder(out, metrics, epochs, paths, y_true, probs, NAMES, "demo, seed 7\n")
+    out = tmp_path / "trained"
+    strict = json.loads((out / "metrics.json").read_text(), parse_constant=pytest.fail)
+    assert strict["loss"] is None and strict["ratio"] is None and strict["counts"] == [0, 1, 2]
+    assert strict["test"]["accuracy"] == pytest.approx(sk.accuracy_score(y_true, probs.argmax(1)))
+    read_paths, labels, preds, read_probs, class_names = stats.read_predictions(
+        out / "predictions.csv")
+    assert read_paths == paths and class_names == NAMES
+    np.testing.assert_array_equal(labels, y_true)
+    np.testing.assert_array_equal(preds, probs.argmax(1))
+    np.testing.assert_allclose(read_probs, probs, atol=5e-7)
+    report = (out / "report.txt").read_text()
+    assert report.startswith("demo, seed 7\n\nClass") and "Weighted Avg" in report
+    for name in ("confusion_matrix.png", "reliability.png", "curves.png"):
+        assert imread(out / name).ndim == 3  # (H, W, RGBA)
+    assert not (tmp_path / "zero_shot" / "curves.png").exists()
+    assert (tmp_path / "zero_shot" / "reliability.png").exists()
+    assert sorted(os.listdir(tmp_path / "zero_shot")) == sorted(
+        ["metrics.json", "predictions.csv", "report.txt", "confusion_matrix.png",
+         "reliability.png"])  # and no temporary file left behind
+
+
+def test_write_json_is_strict_and_atomic(tmp_path):
+    path = tmp_path / "out.json"
+    stats.write_json({"nan": np.nan, "values": (np.float64(-np.inf), np.int64(3), True)}, path)
+    assert json.loads(path.read_text()) == {"nan": None, "values": [None, 3, True]}
+    with pytest.raises(TypeError):
+        stats.write_json({"not json": object()}, path)
+    assert json.loads(path.read_text())["nan"] is None  # the old file is kept whole
+    assert os.listdir(tmp_path) == ["out.json"]          # and the temporary file removed
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration
+
+def sample_labels(rng, probs):
+    """One label per row drawn from the row's class probabilities."""
+    return (rng.random(len(probs))[:, None] > np.cumsum(probs, axis=1)).sum(axis=1)
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_temperature_fit_recovers_a_known_temperature(seed):
+    """Labels drawn from softmax(z / 2.5): fitting on z must give T = 2.5 within 10 % and
+    offsets near 0."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (3000, 4))
+    temperature, offsets = stats.fit_temperature_and_offsets(
+        logits, sample_labels(rng, softmax(logits / 2.5)))
+    assert temperature == pytest.approx(2.5, rel=0.1)
+    assert np.all(np.abs(offsets) < 0.15) and abs(offsets.sum()) < 1e-9
+
+
+def random_calibration_case(seed, n=200):
+    """Logits of 4 classes whose labels follow softmax(z / T_true + b_true), plus one
+    uninformative case (labels independent of z)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, rng.uniform(0.5, 5), (2 * n, 4))
+    true_offsets = rng.normal(0, 1, 4)
+    labels = sample_labels(rng, softmax(logits / rng.uniform(0.3, 3) + true_offsets))
+    if seed % 4 == 3:
+        labels = rng.integers(0, 4, 2 * n)
+    return logits[:n], labels[:n], logits[n:], labels[n:]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_calibration_never_raises_validation_nll(seed):
+    val_logits, val_y, test_logits, test_y = random_calibration_case(seed)
+    result = stats.calibrate(val_logits, val_y, test_logits, test_y, NAMES)
+    assert result["val_nll_before"] == pytest.approx(
+        sk.log_loss(val_y, softmax(val_logits), labels=range(4)), abs=1e-9)
+    assert result["val_nll_after"] <= result["val_nll_before"] + 1e-12
+    # temperature and offsets together must fit at least as well as the best temperature alone
+    scan = [-np.mean(np.log(softmax(val_logits / t)[np.arange(len(val_y)), val_y]))
+            for t in np.geomspace(0.05, 20, 400)]
+    assert result["val_nll_after"] <= min(scan) + 1e-6
+    offsets = np.array(list(result["offsets"].values()))
+    test_probs = softmax(test_logits / result["temperature"] + offsets)
+    np.testing.assert_allclose(result["test_probs"], test_probs, atol=1e-12)
+    assert result["test_nll_after"] == pytest.approx(
+        sk.log_loss(test_y, test_probs, labels=range(4)), abs=1e-9)
+    assert result["test_ece_after"] == pytest.approx(
+        stats.expected_calibration_error(test_y, test_probs), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_threshold_maximises_validation_tumour_f1(seed):
+    """Brute force: sklearn's F1 of the call 'P(tumour) >= t' over a fine grid of t never beats
+    the chosen threshold; the test F1 before (the model's argmax) and after match sklearn."""
+    val_logits, val_y, test_logits, test_y = random_calibration_case(seed)
+    result = stats.calibrate(val_logits, val_y, test_logits, test_y, NAMES)
+    offsets = np.array(list(result["offsets"].values()))
+    val_tumour = 1 - softmax(val_logits / result["temperature"] + offsets)[:, 2]
+    def val_f1(threshold):  # harmonic mean of precision and recall, 0 when undefined
+        called = val_tumour >= threshold
+        true_pos = np.sum(called & (val_y != 2))
+        if true_pos == 0:
+            return 0.0
+        precision, recall = true_pos / called.sum(), true_pos / np.sum(val_y != 2)
+        return 2 * precision * recall / (precision + recall)
+    best = val_f1(result["threshold"])
+    assert best == pytest.approx(sk.f1_score(val_y != 2, val_tumour >= result["threshold"]))
+    assert max(val_f1(t) for t in np.r_[np.linspace(0, 1, 1001), val_tumour]) <= best + 1e-12
+    assert result["test_tumour_f1_before"] == pytest.approx(
+        sk.f1_score(test_y != 2, test_logits.argmax(1) != 2, zero_division=0), abs=1e-12)
+    assert result["test_tumour_f1_after"] == pytest.approx(sk.f1_score(
+        test_y != 2, 1 - result["test_probs"][:, 2] >= result["threshold"], zero_division=0))
+    with pytest.raises(SystemExit, match="'healthy' is not one of"):
+        stats.calibrate(val_logits, val_y, test_logits, test_y, NAMES, negative_class="healthy")
+
+
+def test_reliability_diagram_before_and_after(tmp_path):
+    from matplotlib.image import imread
+    val_logits, val_y, test_logits, test_y = random_calibration_case(0)
+    result = stats.calibrate(val_logits, val_y, test_logits, test_y, NAMES)
+    stats.plot_reliability(test_y, softmax(test_logits), result["test_probs"], tmp_path / "r.png")
+    assert imread(tmp_path / "r.png").ndim == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Pointing game
+
+def peak_map(row, col, size=10):
+    heatmap = np.zeros((size, size))
+    heatmap[row, col] = 1.0
+    return heatmap
+
+
+def test_pointing_game_hand_made_maps():
+    """10 x 10 images, the whole image is brain, lesion box x, y in 2..4 (9 pixels)."""
+    brain, box = np.ones((10, 10), dtype=bool), (2, 2, 4, 4)
+    maps = [peak_map(3, 3), peak_map(8, 8), peak_map(5, 5), peak_map(3, 1)]
+    assert stats.pointing_game(maps, [box] * 4, [brain] * 4, tolerance=0) == (0.25, 0.09)
+    # grown by 1: x, y in 1..5 (25 pixels): (5, 5) and (3, 1) now hit, (8, 8) still misses
+    assert stats.pointing_game(maps, [box] * 4, [brain] * 4, tolerance=1) == (0.75, 0.25)
+    # the box is (x0, y0, x1, y1): a peak at row 3, column 7 is inside x 6..8, y 2..4
+    assert stats.pointing_game([peak_map(3, 7)], [(6, 2, 8, 4)], [brain], tolerance=0)[0] == 1.0
+    assert stats.pointing_game([peak_map(7, 3)], [(6, 2, 8, 4)], [brain], tolerance=0)[0] == 0.0
+    # only the top half is brain (50 pixels); box rows 0..1, grown box clipped by the image
+    top_half = np.zeros((10, 10), dtype=bool)
+    top_half[:5] = True
+    assert stats.pointing_game([peak_map(0, 0)], [(0, 0, 9, 0)], [top_half], tolerance=1) == (
+        1.0, 0.4)
+    flat = np.zeros((10, 10))  # ties: the first pixel in row-major order, (0, 0), is the peak
+    assert stats.pointing_game([flat], [box], [brain], tolerance=2)[0] == 1.0
+    assert stats.pointing_game([flat], [box], [brain], tolerance=1)[0] == 0.0
+    assert stats.POINTING_TOLERANCE == 15
+
+
+def test_pointing_game_chance_is_the_hit_rate_of_a_random_brain_pixel():
+    """Every brain pixel taken as the map's peak once: the hit rate is then exactly the chance."""
+    rows, cols = np.indices((32, 32))
+    brain = (rows - 16) ** 2 / 14 ** 2 + (cols - 15) ** 2 / 11 ** 2 <= 1  # an ellipse
+    box = (18, 9, 23, 13)
+    maps = [peak_map(row, col, 32) for row, col in zip(*np.nonzero(brain))]
+    for tolerance in (0, 3, 15):
+        hit_rate, _ = stats.pointing_game(maps, [box] * len(maps), [brain] * len(maps), tolerance)
+        _, chance = stats.pointing_game(maps[:1], [box], [brain], tolerance)
+        assert hit_rate == pytest.approx(chance, abs=1e-12) and 0 < chance < 1
+    with pytest.raises(SystemExit, match=r"map \(10, 10\), brain mask \(32, 32\)"):
+        stats.pointing_game([peak_map(0, 0)], [box], [brain])
