@@ -79,12 +79,9 @@ def tensor_digest(tensors):
 # ---- model -------------------------------------------------------------------------------------
 
 def cls_only_block(block, tokens):
-    """The CLS output of an open_clip ResidualAttentionBlock, computing only what CLS needs.
-
-    Keys and values still come from all tokens, but the query, attention output and MLP run on
-    one token instead of 1 + H*W: for ViT-B/16 that skips ~2/3 of the block's work. Equal to
-    block(tokens)[:, :1] (a test checks 1e-5).
-    """
+    """block(tokens)[:, :1] of an open_clip ResidualAttentionBlock, computing only what CLS needs:
+    keys and values come from all tokens, but the query, attention output and MLP run on one
+    token instead of 1 + H*W, ~2/3 of the block's work skipped for ViT-B/16 (tested to 1e-5)."""
     normed = block.ln_1(tokens)                                          # (B, 1 + H*W, D)
     attended = block.attn(normed[:, :1], normed, normed, need_weights=False)[0]  # (B, 1, D)
     cls = tokens[:, :1] + block.ls_1(attended)
@@ -237,14 +234,10 @@ def atomic_save(obj, path):
 
 
 class FeatureCache:
-    """Stem outputs on disk: one file per (image content, view) in a folder per stem.
-
-    The folder name hashes everything that determines the stem's output (model.cache_key: name,
-    weights, architecture, depth, image size, normalisation; the augmentation recipe; library
-    versions). A probe image's stem output is stored in the folder and compared on every open,
-    a catch-all for anything the key misses. Each entry holds the SHA-1 of its bytes, checked
-    on every read: a damaged entry is recomputed, never used.
-    """
+    """Stem outputs on disk, one file per (image content, view), in a folder named by a hash of
+    all that determines them (model.cache_key, augmentation recipe, torch version). A probe
+    image's stem output, compared on every open, catches anything the key misses. Each entry
+    starts with the SHA-1 of its bytes, checked on every read: a damaged entry is recomputed."""
 
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=data.AUGMENTATION_ID, torch=torch.__version__)
@@ -252,17 +245,15 @@ class FeatureCache:
                                 .hexdigest()[:16])
         os.makedirs(self.dir, exist_ok=True)
         probe = torch.rand(1, 3, model.image_size, model.image_size,
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0)).to(model.mean.device)
         with torch.no_grad():
-            probe = model.eval().stem(probe.to(model.mean.device)).float().cpu()[0]
+            probe = model.eval().stem(probe).float().cpu()[0]
         stored = self.read(os.path.join(self.dir, "probe.bin"))
-        if stored is not None and not (stored.shape == probe.shape and
-                                       torch.allclose(stored, probe, rtol=1e-4, atol=1e-5)):
+        if stored is not None and not torch.allclose(stored, probe, rtol=1e-4, atol=1e-5):
             print(f"feature cache {self.dir}: made by a stem that gives other outputs; rebuilding")
             shutil.rmtree(self.dir)
             os.makedirs(self.dir)
-            stored = None
-        if stored is None:
+        if stored is None or not os.path.exists(os.path.join(self.dir, "probe.bin")):
             self.write(os.path.join(self.dir, "probe.bin"), probe.numpy())
             with open(os.path.join(self.dir, "key.json"), "w") as f:
                 json.dump(key, f, indent=1)  # for humans: what this folder holds
@@ -331,8 +322,8 @@ class Inputs:
 
 
 def build_cache(model, cache, jobs, data_dir, device, batch_size, skip_bad):
-    """Run the stem on every (image, view) of jobs {path: (content hash, views)} not yet cached.
-    Returns the paths that could not be decoded (with skip_bad; else the first one stops)."""
+    """Run the stem on every (image, view) of jobs {path: (content hash, views)} not yet cached;
+    the paths that could not be decoded (with skip_bad; else the first one stops)."""
     todo = [(path, h, v) for path, (h, n_views) in jobs.items() for v in range(n_views)
             if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
     bad, started = [], time.time()
@@ -387,8 +378,8 @@ def balanced_class_weights(labels, n_classes):
 
 
 def learning_rate(progress, lr, warmup_epochs):
-    """LR at `progress` epochs (a float): linear warm-up, then cosine annealing restarted every
-    RESTART_EPOCHS (torch's CosineAnnealingWarmRestarts, T_0=5, eta_min=0; a test compares)."""
+    """LR at `progress` epochs: linear warm-up, then torch's CosineAnnealingWarmRestarts (T_0=5,
+    eta_min=0; a test compares) restarted every RESTART_EPOCHS."""
     if progress < warmup_epochs:
         return lr * progress / warmup_epochs
     position = (progress - warmup_epochs) % RESTART_EPOCHS
@@ -417,8 +408,7 @@ def predict(inputs, batch_size):
 
 
 def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None):
-    """The training loop, written out: AdamW, warm-up and warm restarts, best epoch on the
-    selection split, a checkpoint dict after every epoch."""
+    """The training loop: AdamW, warm-up and warm restarts, best epoch on the selection split."""
     device = model.mean.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -486,8 +476,7 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None):
 # ---- the run: data -> cache -> train -> evaluate -> run folder ---------------------------------
 
 def check_arguments(args):
-    """Every option out of range in one error naming the option, the value and what is allowed;
-    returns the device."""
+    """The device, or one error naming every option out of range, its value and what is allowed."""
     problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
         ("views", args.views, args.views >= 1, "at least 1 (view 0 is the plain image)"),
         ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
@@ -600,8 +589,8 @@ def run_one(args, build_model, out_dir):
 
 
 def run(args, build_model, script):
-    """The command: --benchmark, one run, or --seeds (one run per seed into OUT/seed<N>/, then
-    mean +- std in OUT/summary.json). --resume continues a run or a seeds folder."""
+    """--benchmark, one run, or --seeds (a run per seed in OUT/seed<N>/, mean +- std in
+    OUT/summary.json); --resume continues a run or a seeds folder."""
     if args.benchmark:
         result = benchmark(build_model(args))
         print(json.dumps(result))
@@ -621,7 +610,7 @@ def run(args, build_model, script):
                                          epochs=epochs))
     args.epochs = EPOCHS if args.epochs is None else args.epochs
     name = os.path.basename(os.path.normpath(getattr(args, "weights", None) or args.model))
-    name = "-".join([script, os.path.splitext(name)[0].removeprefix("timm:")] +
+    name = "-".join([script, name.removesuffix(".json")] +
                     [x for x, default in ((getattr(args, "head", "cosine"), "cosine"),
                                           (args.loss, "ce")) if x != default])
     if not args.seeds:
@@ -646,9 +635,8 @@ def run(args, build_model, script):
 # ---- benchmark ---------------------------------------------------------------------------------
 
 def benchmark(model, batch_size=BATCH_SIZE, repeats=5):
-    """Milliseconds per image of the stem, a naive step (the whole network), a cached step and
-    a cache read, timed in rounds (a, b, c, a, b, c, ...) so that load from other processes
-    falls on all of them alike and their ratio stays meaningful."""
+    """ms per image of the stem, a naive step (whole network), a cached step and a cache read,
+    timed in rounds (a, b, c, a, b, c, ...) so that load from other jobs hits all alike."""
     images = torch.rand(batch_size, 3, model.image_size, model.image_size)
     labels = torch.arange(batch_size) % model.n_classes
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -722,19 +710,19 @@ def make_parser(description):
 
 
 def parse_args(parser, argv=None, **demo_model_defaults):
-    """argv -> options. With --demo, the demo's settings become the defaults and argv is parsed
-    again, so every option the user gives wins. A demo default may be a function of the demo
-    folder (called only for a demo), e.g. one that writes tiny weights there."""
+    """argv -> options. With --demo the demo's settings (and the script's; a callable is called
+    with the demo folder) become defaults and argv is parsed again: the user's options win."""
     args = parser.parse_args(argv)
     if args.demo:
         os.makedirs(DEMO_DIR, exist_ok=True)
         demo_data = os.path.join(DEMO_DIR, "data")
         if not os.path.isdir(demo_data):
             data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
-        parser.set_defaults(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
-                            views=2, lr=1e-3, overwrite=True, **{
-                                k: v(DEMO_DIR) if callable(v) else v
-                                for k, v in demo_model_defaults.items()})
+        defaults = dict(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
+                        views=2, lr=1e-3, overwrite=True)
+        defaults.update({key: value(DEMO_DIR) if callable(value) else value
+                         for key, value in demo_model_defaults.items()})
+        parser.set_defaults(**defaults)
         args = parser.parse_args(argv)
         torch.set_num_threads(1)  # a tiny model gains nothing from a second thread
     return args

@@ -412,7 +412,7 @@ def claim_run_folder(out_dir, overwrite, resume):
             os.kill(pid, 0)  # raises when that process is gone
             raise SystemExit(f"error: {out_dir}: another run (pid {pid}) is writing here now; "
                              f"wait for it or choose another --out")
-    except (FileNotFoundError, ProcessLookupError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
         pass
     ours = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
     if ours and not (overwrite or resume):

@@ -1,9 +1,17 @@
-"""Leak audit, leak-free split and merge (data.py, issue 6) on small synthetic images.
+"""Copies: the leak audit, every run's leak check, the leak-free split and merge (data.py).
 
 Each "scan" is a random smooth texture inside an ellipse, different for every scan. Copies are
-made the ways the Kaggle release makes them (byte copy, PNG of the decoded JPEG, mirror,
-rotation, transpose, gamma/linear contrast, JPEG re-encoding); a "neighbouring slice" shares
-the head outline and half of the texture. Run: python -m pytest -q tests/test_audit.py (~10 s).
+made the ways the Kaggle release and its sources make them (byte copy, PNG of the decoded JPEG,
+mirror, rotation, transpose, gamma/linear contrast, JPEG re-encoding, resizing); a
+"neighbouring slice" shares the head outline and half of the texture. What is pinned down:
+- the audit finds each copy with its kind and D4 transform, and nothing between independent
+  scans; the fast 8-transform score equals the plain one; area_resize is an exact area average;
+- test_paths_with_train_copy returns exactly the test images with a copy in train, on the
+  official layout and on a seeded 80/20 split of class folders, from the cache alone once it
+  exists; a truncated or corrupted signature cache is reported and rebuilt, same answer;
+- the leak-free split keeps copies in one part; merge keeps exactly one image per group of
+  cross-source copies (resized, re-encoded, mirrored) and names the original of each drop.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_audit.py
 """
 import csv
 import io
@@ -13,6 +21,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -89,13 +98,15 @@ def leaky_dir(tmp_path_factory):
         np.rot90(originals["glioma", 3][1]))
     add("Testing/meningioma/transposed.jpg", ("meningioma", 0), "transformed", "transpose",
         np.ascontiguousarray(m.T))
+    add("Testing/meningioma/turned_clockwise.jpg", ("meningioma", 3), "transformed", "rot270",
+        np.rot90(originals["meningioma", 3][1], 3))
     add("Testing/meningioma/upside_down.jpg", ("meningioma", 1), "transformed", "flip_ud",
         originals["meningioma", 1][1][::-1])
     gamma = (255 * (originals["notumor", 0][1] / 255.0) ** 0.6).astype(np.uint8)
-    add("Testing/notumor/gamma.jpg", ("notumor", 0), "transformed", "identity+intensity", gamma)
+    add("Testing/notumor/gamma.jpg", ("notumor", 0), "transformed", "identity", gamma)
     linear = (0.6 * originals["notumor", 1][1] + 40).astype(np.uint8)
-    add("Testing/notumor/contrast_rot180.jpg", ("notumor", 1), "transformed",
-        "rot180+intensity", np.rot90(linear, 2))
+    add("Testing/notumor/contrast_rot180.jpg", ("notumor", 1), "transformed", "rot180",
+        np.rot90(linear, 2))
     add("Testing/pituitary/reencoded.jpg", ("pituitary", 0), "transformed", "identity",
         jpeg_roundtrip(originals["pituitary", 0][1], 40), quality=60)
     _, _, head, texture = originals["pituitary", 1]
@@ -107,17 +118,13 @@ def leaky_dir(tmp_path_factory):
     return root, expected
 
 
-def read_pairs(out_dir):
-    with open(os.path.join(out_dir, "pairs.csv"), newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_audit_finds_each_copy_with_its_kind_and_transform(leaky_dir, tmp_path):
     root, expected = leaky_dir
     out = str(tmp_path / "audit")
     data.main(["audit", "--data", root, "--out", out])
-    rows = read_pairs(out)
-    assert list(rows[0]) == list(data.PAIR_COLUMNS)
+    with open(os.path.join(out, "pairs.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == data.PAIR_COLUMNS
     by_pair = {(r["a_path"], r["b_path"]): r for r in rows}
     for test_path, (train_path, kind, transform) in expected.items():
         row = by_pair.get((train_path, test_path))
@@ -128,17 +135,13 @@ def test_audit_finds_each_copy_with_its_kind_and_transform(leaky_dir, tmp_path):
     # nothing else: independent scans are never linked, not even as similar
     assert len(rows) == len(expected), [r for r in rows if r["b_path"] not in expected]
     summary = json.load(open(os.path.join(out, "summary.json")))
-    overall = summary["test_with_train_copy"]["overall"]
     n_copies = sum(kind != "similar" for _, kind, _ in expected.values())
-    assert overall["test_images"] == 12 + len(expected)
-    assert overall["with_copy"] == n_copies
-    assert overall["with_exact_copy"] == 2
-    assert overall["with_similar_only"] == 1
-    assert summary["test_with_train_copy"]["per_class"]["glioma"]["with_copy"] == 4
-    assert summary["label_conflicts"]["pairs"]["transformed"] == 1
-    assert summary["pairs"]["exact"] == {"across splits": 2}
-    for kind in ("exact", "transformed", "similar"):
-        assert os.path.getsize(os.path.join(out, f"contact_{kind}.png")) > 0
+    assert summary["images"] == {"Testing": 12 + len(expected), "Training": 24}
+    copies = summary["test_with_train_copy"]
+    assert copies["all"] == {"test_images": 12 + len(expected), "with_copy": n_copies}
+    assert copies["glioma"] == {"test_images": 7, "with_copy": 4}
+    assert copies["notumor"]["with_copy"] == 3 and copies["pituitary"]["with_copy"] == 1
+    assert os.path.isfile(os.path.join(out, data.SIGNATURE_CACHE))  # cached next to the report
 
 
 def test_scores_are_invariant_to_flips_and_intensity_and_separate_neighbours():
@@ -148,51 +151,105 @@ def test_scores_are_invariant_to_flips_and_intensity_and_separate_neighbours():
         lambda x: x[:, ::-1], lambda x: np.rot90(x, 3), lambda x: np.rot90(x, 2).T)]
     variants.append((0.5 * scan + 100).astype(np.uint8))
     thumbnails = np.stack([data.area_resize(v, 64).round().astype(np.uint8) for v in variants])
-    i, j, _, score = data.matching_pairs(data.lcn_signatures(thumbnails), None, 0.0,
-                                         progress=False)
-    assert len(i) == 10 and score.min() > 0.99  # every pair of the 5 versions is a copy
+    pairs = data.find_pairs(list("abcde"), data.lcn_signatures(thumbnails), threshold=0.0)
+    assert len(pairs) == 10 and min(score for _, _, score in pairs.values()) > 0.99
+    assert [pairs[0, j][1] for j in (1, 2, 3, 4)] == ["flip_lr", "rot270", "anti_transpose",
+                                                      "identity"]
     neighbour = neighbouring_slice(head, texture, np.random.default_rng(4))
     stranger = synthetic_scan(rng)[0]
     thumbnails = np.stack([data.area_resize(v, 64).round().astype(np.uint8)
                            for v in (scan, neighbour, stranger)])
-    _, b, _, score = data.matching_pairs(data.lcn_signatures(thumbnails[:1]),
-                                         data.lcn_signatures(thumbnails[1:]), -1.0,
-                                         progress=False)
-    scores = dict(zip(b.tolist(), score.tolist()))
-    assert data.SIMILAR_THRESHOLD <= scores[0] < data.COPY_THRESHOLD  # neighbour: similar
-    assert scores[1] < data.SIMILAR_THRESHOLD                         # stranger: nothing
+    signatures = data.lcn_signatures(thumbnails)
+    pairs = data.find_pairs(list("abc"), signatures[:1], signatures[1:], threshold=-1.0)
+    assert data.SIMILAR_THRESHOLD <= pairs[0, 0][2] < data.COPY_THRESHOLD  # neighbour: similar
+    assert pairs[0, 1][2] < data.SIMILAR_THRESHOLD                         # stranger: nothing
 
 
-def test_area_resize_matches_exact_area_weights_and_commutes_with_flips():
+def test_fast_d4_scores_equal_the_eight_plain_products():
+    rng = np.random.default_rng(1)
+    signatures = data.lcn_signatures(rng.integers(0, 255, (7, 64, 64)).astype(np.uint8))
+    transforms = {"identity": lambda x: x, "flip_lr": lambda x: x.flip(-1),
+                  "flip_ud": lambda x: x.flip(-2), "rot180": lambda x: x.flip(-2, -1),
+                  "transpose": lambda x: x.transpose(-2, -1),
+                  "rot90": lambda x: torch.rot90(x, 1, (-2, -1)),      # as np.rot90
+                  "rot270": lambda x: torch.rot90(x, 3, (-2, -1)),
+                  "anti_transpose": lambda x: x.flip(-2, -1).transpose(-2, -1)}
+    assert set(transforms) == set(data.D4_NAMES)
+    a, b = signatures[:3], signatures[3:]
+    plain = torch.stack([transforms[name](a).flatten(1) @ b.flatten(1).T
+                         for name in data.D4_NAMES])                   # (8, 3, 4)
+    pairs = data.find_pairs([str(k) for k in range(7)], a, b, threshold=-2.0, rows=2)
+    assert len(pairs) == 12
+    for (i, j), (kind, transform, score) in pairs.items():
+        assert abs(score - plain[:, i, j].max().item()) < 2e-4
+        assert transform == data.D4_NAMES[plain[:, i, j].argmax()]
+    # a mirrored copy among strangers: found, with the transform that maps a onto it
+    copy = transforms["rot90"](a[1:2])
+    pairs = data.find_pairs([str(k) for k in range(4)], a, copy, threshold=data.COPY_THRESHOLD)
+    assert list(pairs) == [(1, 0)] and pairs[1, 0][:2] == ("transformed", "rot90")
+
+
+def test_area_resize_is_an_exact_area_average_and_commutes_with_flips():
     rng = np.random.default_rng(0)
-    image = rng.uniform(0, 255, (224, 200))
-
-    def weights(n_in, n_out):  # overlap of output cell i with input cell k, over the cell size
-        edges = np.arange(n_out + 1) * n_in / n_out
-        cells = np.arange(n_in)
-        overlap = (np.minimum(edges[1:, None], cells + 1) - np.maximum(edges[:-1, None], cells))
-        return overlap.clip(0) * n_out / n_in
-
-    resized = data.area_resize(image, 64)
-    np.testing.assert_allclose(resized, weights(224, 64) @ image @ weights(200, 64).T, atol=1e-9)
-    np.testing.assert_allclose(data.area_resize(image[:, ::-1], 64), resized[:, ::-1], atol=1e-9)
-    np.testing.assert_allclose(data.area_resize(np.rot90(image), 64), np.rot90(resized),
+    image = rng.uniform(0, 255, (45, 37))
+    # oracle: repeat each pixel 8 x 8 times, then average blocks of 45 x 37 (exact areas)
+    fine = np.repeat(np.repeat(image, 8, axis=0), 8, axis=1)
+    expected = fine.reshape(8, 45, 8, 37).mean(axis=(1, 3))
+    resized = data.area_resize(image, 8)
+    np.testing.assert_allclose(resized, expected, atol=1e-9)
+    np.testing.assert_allclose(data.area_resize(image[:, ::-1], 8), resized[:, ::-1], atol=1e-9)
+    np.testing.assert_allclose(data.area_resize(np.rot90(image), 8), np.rot90(resized),
                                atol=1e-9)
 
 
-def test_test_paths_with_train_copy_and_its_cache(leaky_dir, tmp_path, monkeypatch):
+def test_leak_check_official_split_cache_and_damaged_cache(leaky_dir, tmp_path, monkeypatch,
+                                                           capsys):
     root, expected = leaky_dir
-    images = data.find_audit_images(root)
+    images = data.audit_images(root)
     train = [p for p, _, part in images if part == "Training"]
     test = [p for p, _, part in images if part == "Testing"]
     copies = {p for p, (_, kind, _) in expected.items() if kind != "similar"}
     cache = str(tmp_path / "cache")
     assert data.test_paths_with_train_copy(root, train, test, cache) == copies
     # second call, on a subset (as after a validation carve-out): answered from the cache alone
-    monkeypatch.setattr(data, "image_signature", lambda path: pytest.fail("decoded " + path))
+    monkeypatch.setattr(data, "load_rgb", lambda path: pytest.fail("decoded " + path))
     assert data.test_paths_with_train_copy(root, train[::2], test, cache) == \
         {p for p in copies if expected[p][0] in train[::2]}
     assert data.test_paths_with_train_copy(root, [], test, cache) == set()
+    monkeypatch.undo()
+    cache_file = os.path.join(cache, data.SIGNATURE_CACHE)
+    content = open(cache_file, "rb").read()
+    with np.load(cache_file) as stored:
+        clean = {name: stored[name] for name in stored.files}
+    for damaged in (content[:len(content) // 2],                      # a cut-off write
+                    content[:5000] + bytes([content[5000] ^ 0xFF]) + content[5001:]):  # a flip
+        open(cache_file, "wb").write(damaged)
+        capsys.readouterr()
+        assert data.test_paths_with_train_copy(root, train, test, cache) == copies
+        assert "leak_signatures.npz: damaged or stale" in capsys.readouterr().out
+        with np.load(cache_file) as stored:                               # rebuilt, the same
+            assert all(np.array_equal(stored[name], clean[name]) for name in clean)
+
+
+def test_leak_check_on_a_seeded_split_of_class_folders(tmp_path):
+    """A class-folder layout with copies: the run's 80/20 split puts some copies in test and
+    their originals in train; exactly those test images are reported."""
+    rng = np.random.default_rng(11)
+    root, partner = tmp_path / "folders", {}
+    for name in data.CLASSES:
+        for k in range(10):
+            scan = synthetic_scan(rng, size=64)[0]
+            save(scan, str(root / name / f"{k}.png"))
+            if k < 4:  # a mirrored, re-encoded copy of the first four scans of each class
+                save(scan[:, ::-1], str(root / name / f"{k}_copy.jpg"), quality=70)
+                partner[f"{name}/{k}.png"] = f"{name}/{k}_copy.jpg"
+    partner.update({copy: original for original, copy in list(partner.items())})
+    splits = data.load_splits(str(root), seed=3, val_fraction=0.1)
+    train = [s.path for s in splits.train + splits.val]
+    test = [s.path for s in splits.test]
+    expected = {p for p in test if partner.get(p) in train}
+    assert 0 < len(expected) < len(test)
+    assert data.test_paths_with_train_copy(str(root), train, test, str(tmp_path / "c")) == expected
 
 
 def test_leak_free_split_keeps_groups_together_and_is_stratified(leaky_dir, tmp_path):
@@ -212,62 +269,86 @@ def test_leak_free_split_keeps_groups_together_and_is_stratified(leaky_dir, tmp_
     for c in range(4):  # 9-13 images per class: each part within one group of its target
         total = sum(counts[name][c] for name in counts)
         assert abs(counts["train"][c] - 0.8 * total) <= 2 and counts["test"][c] >= 1, counts
-    # the same seed gives the same split; --strict also joins the neighbour to its original
-    again = str(tmp_path / "again.csv")
+    again = str(tmp_path / "again.csv")  # the same seed gives the same split
     data.main(["split", "--data", root, "--out", again, "--leak-free", "--seed", "1"])
     assert open(again).read() == open(out).read()
-    strict_rows, _ = data.make_split(root, 1, leak_free=True, strict=True, progress=False)
-    strict = {p: s for p, _, s in strict_rows}
-    assert strict["Testing/pituitary/neighbour.jpg"] == strict[expected[
-        "Testing/pituitary/neighbour.jpg"][0]]
 
 
 def test_plain_split_is_stratified_per_image():
     labels = ["glioma"] * 50 + ["notumor"] * 30
-    sizes = [1] * len(labels)
-    parts = data.assign_groups_to_parts([data.CLASSES.index(x) for x in labels], sizes,
-                                        data.SPLIT_FRACTIONS, seed=0)
+    parts = data.assign_groups_to_parts([data.CLASSES.index(x) for x in labels], [1] * 80,
+                                        (0.8, 0.1, 0.1), seed=0)
     for name, n in (("glioma", 50), ("notumor", 30)):
         members = [p for p, label in zip(parts, labels) if label == name]
         assert [members.count(k) for k in range(3)] == [round(0.8 * n), round(0.1 * n),
                                                         round(0.1 * n)]
 
 
-def test_merge_maps_aliases_drops_duplicates_and_never_overwrites(tmp_path):
-    rng = np.random.default_rng(7)
-    scans = [synthetic_scan(rng)[0] for _ in range(6)]
-    kaggle, br35h, figshare = (str(tmp_path / n) for n in ("kaggle", "br35h", "figshare"))
-    save(scans[0], f"{kaggle}/Training/glioma_tumor/a.jpg")
-    save(scans[1], f"{kaggle}/Testing/no_tumor/b.jpg")
-    save(scans[1], f"{kaggle}/Testing/.ipynb_checkpoints/b-checkpoint.jpg")  # hidden: ignored
-    save(scans[2], f"{br35h}/no/no1.jpg")
-    save(scans[3], f"{br35h}/yes/y1.jpg")                                    # no 4-class label
-    shutil.copyfile(f"{kaggle}/Training/glioma_tumor/a.jpg", f"{tmp_path}/dup.jpg")
-    os.makedirs(f"{figshare}/Glioma")
-    shutil.copyfile(f"{tmp_path}/dup.jpg", f"{figshare}/Glioma/copy_of_a.jpg")  # duplicate
-    save(scans[4], f"{figshare}/Glioma/a.jpg")              # same name as kaggle's a.jpg
-    save(scans[5], f"{figshare}/Pituitary Tumor/p.png")
-    out = str(tmp_path / "merged")
-    data.main(["merge", kaggle, br35h, figshare, "--out", out])
+def read_manifest(out, base):
     with open(os.path.join(out, "manifest.csv"), newline="") as f:
-        manifest = {os.path.relpath(r["source_path"], str(tmp_path)): r
-                    for r in csv.DictReader(f)}
-    assert len(manifest) == 7
-    # not every source has Training/Testing, so the merge is plain class folders
-    assert manifest["kaggle/Training/glioma_tumor/a.jpg"]["dest_path"] == "glioma/a.jpg"
-    assert manifest["kaggle/Testing/no_tumor/b.jpg"]["dest_path"] == "notumor/b.jpg"
-    assert manifest["br35h/no/no1.jpg"]["label"] == "notumor"
-    assert manifest["br35h/yes/y1.jpg"]["status"].startswith("skipped:")
-    assert manifest["figshare/Glioma/copy_of_a.jpg"]["status"] == "duplicate_of:glioma/a.jpg"
-    assert manifest["figshare/Glioma/a.jpg"]["dest_path"] == "glioma/figshare_a.jpg"
-    assert manifest["figshare/Pituitary Tumor/p.png"]["dest_path"] == "pituitary/p.png"
-    assert np.array_equal(decoded(f"{out}/glioma/figshare_a.jpg"),
-                          decoded(f"{figshare}/Glioma/a.jpg"))
-    assert sorted(os.listdir(out)) == ["glioma", "manifest.csv", "notumor", "pituitary"]
+        return {os.path.relpath(r["source_path"], base): r for r in csv.DictReader(f)}
+
+
+def test_merge_keeps_one_image_per_group_of_cross_source_copies(tmp_path):
+    """A second source made of resized, re-encoded and mirrored copies of a first one's images,
+    plus new scans: only the new scans are copied, each drop names its original and how."""
+    rng = np.random.default_rng(7)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    scans = {}
+    for name in ("glioma", "meningioma", "pituitary"):
+        for k in range(3):
+            scans[name, k] = synthetic_scan(rng)[0]                        # 96 px
+            save(scans[name, k], f"{first}/{name}/{name}{k}.jpg")
+    second_of = {  # second-source file: (original in the first source, how)
+        "Glioma/small.jpg": ("glioma/glioma0.jpg", "resized/re-encoded"),   # 96 -> 64, q 70
+        "Glioma/big.png": ("glioma/glioma1.jpg", "resized/re-encoded"),     # 96 -> 192
+        "Meningioma/mirror.jpg": ("meningioma/meningioma0.jpg", "flip_lr"),
+        "Meningioma/same.jpg": ("meningioma/meningioma1.jpg", "exact"),     # byte copy
+        "Pituitary Tumor/turned.jpg": ("pituitary/pituitary0.jpg", "rot90"),
+        "Meningioma/mislabelled.jpg": ("pituitary/pituitary1.jpg", "resized/re-encoded")}
+    resize = lambda pixels, size: np.asarray(Image.fromarray(pixels).resize((size, size),
+                                                                            Image.BICUBIC))
+    save(resize(scans["glioma", 0], 64), f"{second}/Glioma/small.jpg", quality=70)
+    save(resize(scans["glioma", 1], 192), f"{second}/Glioma/big.png")
+    save(scans["meningioma", 0][:, ::-1], f"{second}/Meningioma/mirror.jpg", quality=80)
+    shutil.copyfile(f"{first}/meningioma/meningioma1.jpg", f"{second}/Meningioma/same.jpg")
+    save(np.rot90(resize(scans["pituitary", 0], 80)), f"{second}/Pituitary Tumor/turned.jpg")
+    save(resize(scans["pituitary", 1], 128), f"{second}/Meningioma/mislabelled.jpg")
+    new = {"Glioma/new.jpg", "Meningioma/new.png", "no/new.jpg", "Glioma/glioma0.jpg"}
+    for path in new:  # new scans (glioma0.jpg: a name the first source already uses)
+        save(synthetic_scan(rng)[0], f"{second}/{path}")
+    save(synthetic_scan(rng)[0], f"{second}/yes/unlabelled.jpg")           # Br35H yes/: skipped
+    new.add("Glioma/new_mirrored.jpg")  # a copy within one source stays (the split handles it)
+    save(decoded(f"{second}/Glioma/new.jpg")[:, ::-1], f"{second}/Glioma/new_mirrored.jpg")
+    out = str(tmp_path / "merged")
+    data.main(["merge", first, second, "--out", out])
+    manifest = read_manifest(out, second)
+    copied = {path for path, row in manifest.items() if row["status"] == "copied"}
+    assert copied == new | {os.path.join("..", "first", f"{n}/{n}{k}.jpg") for n, k in scans}
+    for path, (original, how) in second_of.items():
+        row = manifest[path]
+        assert row["status"].startswith("dropped") and row["dest_path"] == "", row
+        assert (row["copy_of"], row["how"]) == (original, how), row
+    assert manifest["Meningioma/mislabelled.jpg"]["status"] == "dropped (label conflict)"
+    assert manifest["yes/unlabelled.jpg"]["status"].startswith("skipped: Br35H yes/")
+    assert manifest["Glioma/glioma0.jpg"]["dest_path"] == "glioma/2-second_glioma0.jpg"
+    assert manifest["no/new.jpg"]["dest_path"] == "notumor/new.jpg"
+    assert np.array_equal(decoded(f"{out}/glioma/2-second_glioma0.jpg"),
+                          decoded(f"{second}/Glioma/glioma0.jpg"))
+    assert sorted(os.listdir(out)) == ["glioma", "manifest.csv", "meningioma", "notumor",
+                                       "pituitary"]
     with pytest.raises(SystemExit, match="not an empty folder"):
-        data.main(["merge", kaggle, "--out", out])
-    # only Kaggle-layout sources: the official split is kept
+        data.main(["merge", first, "--out", out])
+
+
+def test_merge_of_kaggle_layouts_keeps_the_official_split(tmp_path):
+    rng = np.random.default_rng(8)
+    kaggle = str(tmp_path / "kaggle")
+    save(synthetic_scan(rng)[0], f"{kaggle}/Training/glioma_tumor/a.jpg")
+    save(synthetic_scan(rng)[0], f"{kaggle}/Testing/no_tumor/b.jpg")
+    save(synthetic_scan(rng)[0], f"{kaggle}/Testing/.ipynb_checkpoints/b-checkpoint.jpg")
     both = str(tmp_path / "both")
     data.main(["merge", kaggle, "--out", both])
     assert os.path.isfile(f"{both}/Training/glioma/a.jpg")
     assert os.path.isfile(f"{both}/Testing/notumor/b.jpg")
+    assert len(read_manifest(both, kaggle)) == 2  # the hidden folder is ignored

@@ -1,4 +1,17 @@
-"""data.py: layouts, aliases, errors, decoding of every PIL mode, splits, views, synthetic set."""
+"""data.py: layouts, aliases, refusals, decoding of every PIL mode, splits, views, synthetic data.
+
+What each test pins down:
+- class-folder aliases (`no_tumor/`, `glioma_tumor/`, `No Tumor/`) map to the four classes;
+- class folders get a seeded, stratified 80/20 split; Kaggle folders keep the official split;
+- refused with a message naming the folder: unknown folders, a class with no image in train or
+  test (empty or missing folder), an empty validation split, a bad split CSV or lesion CSV;
+- every PIL mode decodes to RGB (16-bit MRI stretched, not clipped); a broken file raises
+  DecodeError naming it; views are deterministic per (content, view);
+- the synthetic writer is atomic (a killed writer leaves nothing; the rerun succeeds) and its
+  lesions.csv boxes hold the bright lesion.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_data.py
+"""
+import csv
 import os
 
 import numpy as np
@@ -9,7 +22,7 @@ from PIL import Image
 import data
 
 
-def write_image(path, mode="L", size=(20, 16), value=None):
+def write_image(path, mode="L", size=(20, 16)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rng = np.random.default_rng(abs(hash(path)) % 2**32)
     pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
@@ -56,10 +69,46 @@ def test_kaggle_layout_keeps_official_split(synth_dir):
 def test_unknown_folder_is_an_error_listing_found_and_expected(tmp_path):
     write_image(str(tmp_path / "glioma" / "a.png"))
     write_image(str(tmp_path / "tumour_misc" / "b.png"))
-    with pytest.raises(data.DataError, match=r"tumour_misc/.*expected class folders glioma/"):
+    with pytest.raises(SystemExit, match=r"error: .*tumour_misc/.*expected class folders glioma/"):
         data.load_splits(str(tmp_path), seed=0)
-    with pytest.raises(data.DataError, match="no such folder"):
+    with pytest.raises(SystemExit, match="no such folder"):
         data.load_splits(str(tmp_path / "missing"), seed=0)
+
+
+def kaggle_folder(root, counts):
+    """Kaggle layout with counts[(split, class)] images (default 3 each)."""
+    for split in ("Training", "Testing"):
+        for name in data.CLASSES:
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(counts.get((split, name), 3)):
+                write_image(os.path.join(root, split, name, f"{i}.png"))
+    return str(root)
+
+
+def test_a_class_without_images_in_train_or_test_is_refused(tmp_path):
+    root = kaggle_folder(tmp_path / "empty", {("Testing", "meningioma"): 0})
+    with pytest.raises(SystemExit, match=r"Testing/meningioma: no meningioma image in the test "):
+        data.load_splits(root, seed=0, val_fraction=0)
+    os.rmdir(os.path.join(root, "Testing", "meningioma"))   # a missing folder: the same
+    with pytest.raises(SystemExit, match=r"Testing/meningioma: no meningioma image in the test "):
+        data.load_splits(root, seed=0, val_fraction=0)
+    root = kaggle_folder(tmp_path / "no_train", {("Training", "pituitary"): 0})
+    with pytest.raises(SystemExit, match=r"Training/pituitary: no pituitary image in the train "):
+        data.load_splits(root, seed=0, val_fraction=0)
+    for name in data.CLASSES:                                # class folders: an empty one
+        for i in range(0 if name == "notumor" else 10):
+            write_image(str(tmp_path / "folders" / name / f"{i}.png"))
+    os.makedirs(tmp_path / "folders" / "notumor", exist_ok=True)
+    with pytest.raises(SystemExit, match=r"folders/notumor: no notumor image in the train split"):
+        data.load_splits(str(tmp_path / "folders"), seed=0)
+
+
+def test_an_empty_validation_split_is_refused(tmp_path):
+    root = kaggle_folder(tmp_path / "small", {})             # 3 training images per class
+    with pytest.raises(SystemExit, match=r"empty validation split \(--val-fraction 0.1"):
+        data.load_splits(root, seed=0, val_fraction=0.1)
+    assert data.load_splits(root, seed=0, val_fraction=0).val == []
+    assert len(data.load_splits(root, seed=0, val_fraction=0.2).val) == 4
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "1", "LA"])
@@ -80,7 +129,7 @@ def test_every_pil_mode_becomes_rgb(tmp_path, mode):
 def test_undecodable_image_names_the_file(tmp_path):
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    with pytest.raises(data.DataError, match="broken.jpg: cannot decode image.*--skip-bad"):
+    with pytest.raises(data.DecodeError, match="broken.jpg: cannot decode image.*--skip-bad"):
         data.load_rgb(str(path))
 
 
@@ -97,21 +146,72 @@ def test_views_are_deterministic_and_view_zero_is_plain(tmp_path):
 
 
 def test_split_csv_is_read_and_checked(synth_dir, tmp_path):
+    official = data.load_splits(synth_dir, 0)
     csv_path = tmp_path / "split.csv"
-    csv_path.write_text("path,label,split\nTraining/glioma/glioma_0000.jpg,glioma,train\n"
-                        "Testing/pituitary/pituitary_0001.jpg,pituitary,test\n"
-                        "Training/notumor/notumor_0003.jpg,no_tumor,val\n")
+    rows = [(s.path, data.CLASSES[s.label], part) for part in ("train", "val", "test")
+            for s in getattr(official, part)]
+    rows[0] = (rows[0][0], "glioma_tumor", "train")              # an alias is accepted
+    csv_path.write_text("path,label,split\n" + "".join(",".join(r) + "\n" for r in rows))
     splits = data.load_splits(synth_dir, 0, split_csv=str(csv_path))
-    assert [s.label for s in splits.train + splits.val + splits.test] == [0, 2, 3]
+    assert (splits.train, splits.val, splits.test) == (official.train, official.val, official.test)
     csv_path.write_text("path,label,split\nTraining/glioma/nope.jpg,glioma,train\n")
-    with pytest.raises(data.DataError, match="nope.jpg not found"):
+    with pytest.raises(SystemExit, match="nope.jpg not found"):
+        data.load_splits(synth_dir, 0, split_csv=str(csv_path))
+    only_glioma = [r for r in rows if r[1] == "glioma"]
+    csv_path.write_text("path,label,split\n" + "".join(",".join(r) + "\n" for r in only_glioma))
+    with pytest.raises(SystemExit, match="split.csv: no meningioma image in the train split"):
         data.load_splits(synth_dir, 0, split_csv=str(csv_path))
 
 
-def test_synth_command_writes_kaggle_layout(tmp_path):
+def test_synth_command_writes_kaggle_layout_and_lesion_boxes(tmp_path):
     data.main(["synth", "--out", str(tmp_path / "s"), "--per-class", "8"])
     for split, count in (("Training", 8), ("Testing", 5)):
         for name in data.CLASSES:
             assert len(os.listdir(tmp_path / "s" / split / name)) == count
+    boxes = data.read_lesion_boxes(str(tmp_path / "s" / "lesions.csv"))
+    assert len(boxes) == 3 * (8 + 5) and "Testing/glioma/glioma_0003.jpg" in boxes
+    assert not any("notumor" in path for path in boxes)
+    for path, (x0, y0, x1, y1) in boxes.items():  # the box holds the bright lesion
+        pixels = np.asarray(Image.open(tmp_path / "s" / path), dtype=np.float64)
+        inside = np.zeros(pixels.shape, bool)
+        inside[y0:y1, x0:x1] = True
+        assert pixels[inside].mean() > pixels[~inside].mean() + 30, path
+        assert inside[np.unravel_index(pixels.argmax(), pixels.shape)], path
+        assert 0 < (x1 - x0) * (y1 - y0) < 0.2 * pixels.size
     with pytest.raises(SystemExit, match="not empty"):
         data.main(["synth", "--out", str(tmp_path / "s")])
+
+
+def test_synthetic_writer_killed_midway_leaves_nothing(tmp_path, monkeypatch):
+    out = str(tmp_path / "demo")
+    real_synth_image, calls = data.synth_image, []
+
+    def killed_after_ten(*args):
+        calls.append(1)
+        if len(calls) > 10:
+            raise KeyboardInterrupt("killed")
+        return real_synth_image(*args)
+
+    monkeypatch.setattr(data, "synth_image", killed_after_ten)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_synthetic_dataset(out, per_class=8)
+    assert not os.path.exists(out) and os.path.isdir(out + ".partial")  # stale, half written
+    monkeypatch.setattr(data, "synth_image", real_synth_image)
+    data.write_synthetic_dataset(out, per_class=8)
+    assert not os.path.exists(out + ".partial")
+    assert sum(len(files) for _, _, files in os.walk(out)) == 4 * (8 + 5) + 1  # + lesions.csv
+
+
+def test_lesion_csv_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "boxes.csv"
+    with pytest.raises(SystemExit, match="boxes.csv: no such file; expected a CSV with columns"):
+        data.read_lesion_boxes(str(path))
+    path.write_text("path,x0,y0\na.jpg,1,2\n")
+    with pytest.raises(SystemExit, match=r"boxes.csv: columns \['path', 'x0', 'y0'\]"):
+        data.read_lesion_boxes(str(path))
+    for row in ("a.jpg,1,2,x,9", "a.jpg,5,2,5,9", "a.jpg,-1,2,4,9", "a.jpg,1,2,4,"):
+        path.write_text(f"path,x0,y0,x1,y1\nb.jpg,0,0,3,3\n{row}\n")
+        with pytest.raises(SystemExit, match="boxes.csv:3: box .* of a.jpg"):
+            data.read_lesion_boxes(str(path))
+    path.write_text("path,x0,y0,x1,y1\nb.jpg,0,0,3,3\nc/d.png, 1, 2, 40, 30\n")
+    assert data.read_lesion_boxes(str(path)) == {"b.jpg": (0, 0, 3, 3), "c/d.png": (1, 2, 40, 30)}

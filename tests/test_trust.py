@@ -1,0 +1,209 @@
+"""Issue 11: what used to be silently wrong, lost data, or crashed late (each fails on the old code).
+
+- The feature cache: keyed on the architecture (QuickGELU vs GELU), one cache for every head,
+  damaged entries recomputed (a rerun after flipping bytes in every entry gives the same
+  predictions), a full disk leaves no temporary file and names the path.
+- Runs: a diverging loss stops with a message (no NaN in metrics.json); --overwrite keeps the
+  user's files and a failed input check deletes nothing; a live run's folder is refused; the
+  default run name carries head and loss; early messages for a bad seed, device, --out, weights.
+- Resume: a run killed before its first checkpoint, an interrupted --seeds folder, a longer --epochs.
+- Local OpenAI weights: the -quickgelu model is named.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+import clip_tumor
+import data
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    """Kaggle layout, 8 training and 5 test images per class: runs take a second or two."""
+    return data.write_synthetic_dataset(str(tmp_path_factory.mktemp("small") / "data"),
+                                        per_class=8, seed=2)
+
+
+def run(small_dir, config, tmp_path, *extra):
+    return clip_tumor.main(["--data", small_dir, "--model", config, "--pretrained", "none",
+                            "--views", "2", "--lr", "1e-3", "--val-fraction", "0.25",
+                            "--cache-dir", str(tmp_path / "cache"), *extra])
+
+
+def tiny(config, **changes):
+    return clip_tumor.build_model(argparse.Namespace(**dict(dict(
+        model=config, pretrained="none", head="cosine", seed=0, benchmark=False, epochs=1,
+        trainable_blocks=2), **changes)))
+
+
+def predictions(folder):
+    with open(os.path.join(folder, "predictions.csv")) as f:
+        return [(row["path"], row["pred"]) for row in csv.DictReader(f)]
+
+
+def test_cache_key_has_the_architecture_and_is_shared_by_heads(tiny_clip_config, tmp_path):
+    quick = tmp_path / "clip-tiny-quick.json"
+    quick.write_text(json.dumps(dict(clip_tumor.TINY_CONFIG, quick_gelu=True)))
+    plain, quick_gelu = tiny(tiny_clip_config), tiny(str(quick))
+    assert plain.cache_key["frozen_digest"] == quick_gelu.cache_key["frozen_digest"]
+    cache = str(tmp_path / "cache")
+    assert clip_tumor.FeatureCache(cache, plain).dir != clip_tumor.FeatureCache(cache, quick_gelu).dir
+    heads = {clip_tumor.FeatureCache(cache, tiny(tiny_clip_config, head=head)).dir
+             for head in ("cosine", "mlp", "fusion")}
+    assert heads == {clip_tumor.FeatureCache(cache, plain).dir}
+
+
+def test_damaged_cache_entries_are_recomputed_with_the_same_result(small_dir, tiny_clip_config,
+                                                                   tmp_path, capsys):
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "2", "--out", str(tmp_path / "a"))
+    entries = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path / "cache")
+               for name in names if name.endswith(".bin") and name != "probe.bin"]
+    for path in entries:  # flip one byte in the middle of every entry
+        with open(path, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "2", "--out", str(tmp_path / "b"))
+    assert "damaged (checksum mismatch)" in capsys.readouterr().out
+    assert predictions(tmp_path / "a") == predictions(tmp_path / "b")
+
+
+def test_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit, match=r"checkpoint.pt: cannot write \(No space left"):
+        clip_tumor.atomic_save({}, str(tmp_path / "checkpoint.pt"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_diverging_training_stops_with_a_message(small_dir, tiny_clip_config, tmp_path):
+    with pytest.raises(SystemExit, match=r"diverged; try a lower --lr"):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "3", "--head", "mlp",
+            "--lr", "1e6", "--warmup-epochs", "0", "--out", str(tmp_path / "nan"))
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_overwrite_keeps_user_files_and_a_failed_check_deletes_nothing(small_dir,
+                                                                       tiny_clip_config, tmp_path):
+    out = tmp_path / "run"
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(out))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="no such folder|not found|does not exist"):
+        run(str(tmp_path / "typo"), tiny_clip_config, tmp_path, "--epochs", "0", "--out",
+            str(out), "--overwrite")
+    assert (out / "metrics.json").exists()
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(out), "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.json").exists()
+    assert not (out / "replaced").exists()
+
+
+def test_a_folder_held_by_a_live_run_is_refused(small_dir, tiny_clip_config, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / ".lock").write_text(str(other.pid))
+        with pytest.raises(SystemExit, match=f"another run \\(pid {other.pid}\\)"):
+            run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(out))
+    finally:
+        other.kill()
+        other.wait()
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(out))  # now stale
+
+
+def test_default_run_name_carries_head_and_loss(small_dir, tiny_clip_config, tmp_path,
+                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--head", "mlp", "--loss",
+        "focal")
+    assert (tmp_path / "runs" / "clip-clip-tiny-mlp-focal-seed42" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--seed", "-1", r"--seed -1: 0 to 2\*\*32 - 1"),
+    ("--seed", str(2 ** 32), r"--seed 4294967296: 0 to 2\*\*32 - 1"),
+    ("--device", "cuda" if not torch.cuda.is_available() else "tpu", r"--device .*: use auto"),
+    ("--device", "gpu0", r"--device gpu0: use auto"),
+])
+def test_bad_options_stop_early(small_dir, tiny_clip_config, tmp_path, option, value, message):
+    with pytest.raises(SystemExit, match=message):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", option, value)
+
+
+def test_out_that_is_a_file_or_unwritable_stops_early(small_dir, tiny_clip_config, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SystemExit, match="file.txt: is a file"):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out",
+            str(tmp_path / "file.txt"))
+    with pytest.raises(SystemExit, match="cannot write there"):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out",
+            str(tmp_path / "file.txt" / "run"))
+
+
+def test_a_file_that_is_not_weights_is_named(tiny_clip_config, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="notes.txt: not weights of clip-tiny"):
+        clip_tumor.load_clip(tiny_clip_config, str(notes))
+
+
+def test_local_openai_weights_name_the_quickgelu_model(tmp_path, monkeypatch, capsys):
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    weights.write_bytes(b"stand-in")
+    stand_in = argparse.Namespace(visual=torch.nn.Linear(1, 1))
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: stand_in)
+    clip_tumor.load_clip("ViT-B-16", str(weights))
+    assert "pass --model ViT-B-16-quickgelu" in capsys.readouterr().out
+
+
+def test_resume_before_the_first_checkpoint_and_with_more_epochs(small_dir, tiny_clip_config,
+                                                                  tmp_path, monkeypatch):
+    whole = run(small_dir, tiny_clip_config, tmp_path, "--epochs", "2", "--out",
+                str(tmp_path / "whole"))
+
+    def killed(obj, path):
+        raise KeyboardInterrupt  # Ctrl-C during epoch 1, before any checkpoint
+
+    original = clip_tumor.atomic_save
+    monkeypatch.setattr(clip_tumor, "atomic_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--out",
+            str(tmp_path / "early"))
+    monkeypatch.setattr(clip_tumor, "atomic_save", original)
+    resumed = clip_tumor.main(["--resume", str(tmp_path / "early")])
+    assert resumed["epochs"] == 1
+    longer = clip_tumor.main(["--resume", str(tmp_path / "early"), "--epochs", "2"])
+    assert longer["epochs"] == 2 and longer["test"]["accuracy"] == whole["test"]["accuracy"]
+    assert longer["test"]["loss"] == pytest.approx(whole["test"]["loss"], abs=1e-6)
+
+
+def test_resume_finishes_an_interrupted_seeds_run(small_dir, tiny_clip_config, tmp_path,
+                                                  monkeypatch):
+    out = tmp_path / "seeds"
+    original, calls = clip_tumor.run_one, []
+
+    def second_seed_killed(args, build_model, out_dir):
+        calls.append(args.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(args, build_model, out_dir)
+
+    monkeypatch.setattr(clip_tumor, "run_one", second_seed_killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--seeds", "3,4", "--out",
+            str(out))
+    monkeypatch.setattr(clip_tumor, "run_one", original)
+    summary = clip_tumor.main(["--resume", str(out)])
+    assert summary["n_runs"] == 2 and (out / "seed4" / "metrics.json").exists()
