@@ -53,17 +53,14 @@ DEMO_DIR = os.path.join(tempfile.gettempdir(), "tumor-vlm-demo")
 PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only; a log gets a line per epoch
 
 # A tiny ViT for --demo and the tests: same code paths, random weights, seconds to train.
-TINY_CONFIG = {"embed_dim": 64,
-               "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32,
-                              "patch_size": 8},
+TINY_CONFIG = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 4, "width": 128,
+                                              "head_width": 32, "patch_size": 8},
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4,
                             "layers": 2}}
 
 
 def set_seed(seed):
-    """Seed Python, NumPy and torch in one place."""
-    import random
-    random.seed(seed)
+    """Seed NumPy and torch (all this code draws from) in one place."""
     np.random.seed(seed)
     torch.manual_seed(seed)
 
@@ -79,65 +76,96 @@ def tensor_digest(tensors):
 # ---- model -------------------------------------------------------------------------------------
 
 def cls_only_block(block, tokens):
-    """block(tokens)[:, :1] of an open_clip ResidualAttentionBlock, computing only what CLS needs:
+    """block(tokens)[:, :1] of a ViT block (open_clip's or timm's), computing only what CLS needs:
     keys and values come from all tokens, but the query, attention output and MLP run on one
     token instead of 1 + H*W, ~2/3 of the block's work skipped for ViT-B/16 (tested to 1e-5)."""
-    normed = block.ln_1(tokens)                                          # (B, 1 + H*W, D)
-    attended = block.attn(normed[:, :1], normed, normed, need_weights=False)[0]  # (B, 1, D)
-    cls = tokens[:, :1] + block.ls_1(attended)
-    return cls + block.ls_2(block.mlp(block.ln_2(cls)))                  # (B, 1, D)
+    if hasattr(block, "ln_1"):  # open_clip ResidualAttentionBlock: nn.MultiheadAttention
+        normed = block.ln_1(tokens)                                      # (B, 1 + H*W, D)
+        attended = block.attn(normed[:, :1], normed, normed, need_weights=False)[0]  # (B, 1, D)
+        cls = tokens[:, :1] + block.ls_1(attended)
+        return cls + block.ls_2(block.mlp(block.ln_2(cls)))              # (B, 1, D)
+    attn, (batch, n_tokens, width) = block.attn, tokens.shape  # timm Block, fused qkv weight:
+    normed = block.norm1(tokens)  # rows [0, D) of qkv make the query, [D, 3D) keys and values
+    bias = attn.qkv.bias if attn.qkv.bias is not None else torch.zeros(3 * width)
+    query = F.linear(normed[:, :1], attn.qkv.weight[:width], bias[:width])
+    keys_values = F.linear(normed, attn.qkv.weight[width:], bias[width:])  # (B, 1 + H*W, 2D)
+    query = query.view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
+    keys, values = keys_values.view(batch, n_tokens, 2, attn.num_heads, attn.head_dim) \
+        .permute(2, 0, 3, 1, 4)                                          # 2 x (B, nh, T, hd)
+    attended = F.scaled_dot_product_attention(attn.q_norm(query), attn.k_norm(keys), values)
+    attended = attn.proj(attn.norm(attended.transpose(1, 2).reshape(batch, 1, width)))
+    cls = tokens[:, :1] + block.ls1(attended)
+    return cls + block.ls2(block.mlp(block.norm2(cls)))                  # (B, 1, D)
 
 
 class CLIPClassifier(nn.Module):
-    """open_clip vision tower split into a frozen stem and a trainable top, plus a head."""
+    """An open_clip vision tower (its own ViT, or a timm ViT as in BiomedCLIP) split into a
+    frozen stem and a trainable top, plus a head."""
 
     def __init__(self, clip_model, tokenizer, head, name, weights, trainable_blocks,
                  class_names=data.CLASSES):
         super().__init__()
-        visual = clip_model.visual
-        if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "conv1") or \
-                getattr(visual, "pool_type", "tok") != "tok":
-            raise SystemExit(f"error: --model {name}: only open_clip ViTs with a CLS token (pool "
-                             f"type 'tok', no attention pooling) are supported, e.g. ViT-B-16")
-        assert isinstance(visual.patch_dropout, nn.Identity), \
+        self.visual = visual = clip_model.visual  # the text tower is used below, then dropped
+        self.trunk = getattr(visual, "trunk", None)  # timm's VisionTransformer, or None
+        if self.trunk is not None and getattr(self.trunk, "global_pool", "") == "token" \
+                and not getattr(self.trunk, "reg_token", None) is not None:
+            blocks = self.trunk.blocks
+            embedding = [self.trunk.cls_token, self.trunk.pos_embed, self.trunk.patch_embed,
+                         self.trunk.norm_pre]
+            post = [self.trunk.norm, self.trunk.fc_norm, visual.head]  # norm, projection
+        elif hasattr(visual, "conv1") and getattr(visual, "attn_pool", None) is None and \
+                getattr(visual, "pool_type", "tok") == "tok":
+            blocks = visual.transformer.resblocks
+            embedding = [visual.class_embedding, visual.positional_embedding, visual.conv1,
+                         visual.ln_pre]
+            post = [visual.ln_post, visual.proj]
+        else:
+            raise SystemExit(f"error: --model {name}: only ViTs that classify from a CLS token "
+                             f"are supported (open_clip's ViT-B-16, ..., or a timm ViT tower)")
+        assert isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity), \
             f"{name}: patch dropout is on; the cached path would differ from the full forward"
-        clip_model.lock_image_tower(unlocked_groups=trainable_blocks + 1)  # blocks, LN, proj
-        clip_model.lock_text_tower()
+        clip_model.requires_grad_(False)  # the text tower and the stem stay frozen
+        if not 0 <= trainable_blocks <= len(blocks):
+            raise SystemExit(f"error: --trainable-blocks {trainable_blocks}: 0 to {len(blocks)}")
+        split = len(blocks) - trainable_blocks
+        self.stem_blocks, self.top_blocks = blocks[:split], blocks[split:]
+        for part in [*self.top_blocks, *post]:  # trainable: the top blocks, final norm, projection
+            part.requires_grad_(True)
         self.class_names, self.n_classes = tuple(class_names), len(class_names)
         with torch.no_grad():  # prompts are encoded once and kept fixed
             prompts = tokenizer([PROMPT.format(PROMPT_NAMES.get(c, c)) for c in class_names])
             text = F.normalize(clip_model.encode_text(prompts).float(), dim=-1)
         self.register_buffer("class_prompts", text)                      # (C, E)
-        self.visual = visual  # the text tower is no longer needed and is dropped here
-        blocks = visual.transformer.resblocks
-        split = len(blocks) - trainable_blocks
-        self.stem_blocks, self.top_blocks = blocks[:split], blocks[split:]
         cfg = __import__("open_clip").get_model_preprocess_cfg(clip_model)
         size = visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1))
         self.head_type = head
-        width, embed_dim = visual.conv1.out_channels, text.shape[1]
+        width = self.trunk.embed_dim if self.trunk is not None else visual.conv1.out_channels
         self.logit_scale = nn.Parameter(clip_model.logit_scale.detach().clone().float(),
                                         requires_grad=head == "cosine")
         if head == "mlp":
             self.head = nn.Sequential(nn.Linear(width, MLP_HIDDEN), nn.BatchNorm1d(MLP_HIDDEN),
                                       nn.ReLU(), nn.Linear(MLP_HIDDEN, self.n_classes))
+        elif head == "linear":  # the paper's "linear head (768 to 4)"
+            self.head = nn.Linear(width, self.n_classes)
         elif head == "fusion":  # one score per (image, class prompt) pair
-            self.head = nn.Sequential(nn.Linear(2 * embed_dim, MLP_HIDDEN), nn.ReLU(),
+            self.head = nn.Sequential(nn.Linear(2 * text.shape[1], MLP_HIDDEN), nn.ReLU(),
                                       nn.Linear(MLP_HIDDEN, 1))
-        stem = [visual.conv1, visual.ln_pre, *self.stem_blocks]
-        stem_parameters = [visual.class_embedding, visual.positional_embedding] + \
-            [p for module in stem for p in module.parameters()]
+        stem = embedding + list(self.stem_blocks)
         self.cache_key = {"model": name, "weights": weights, "stem_blocks": split,
                           "image_size": self.image_size, "mean": cfg["mean"], "std": cfg["std"],
-                          "architecture": repr(stem), "frozen_digest": tensor_digest(stem_parameters)}
+                          "architecture": repr(stem), "frozen_digest": tensor_digest(
+                              [p for part in stem for p in (part.parameters() if isinstance(
+                                  part, nn.Module) else [part])])}
 
     def embed(self, images):
-        """Pixels in [0, 1] -> patch + CLS tokens with positions, as open_clip's forward does."""
-        x = self.visual.conv1((images - self.mean) / self.std)           # (B, D, H, W)
-        x = x.flatten(2).transpose(1, 2)                                 # (B, H*W, D)
+        """Pixels in [0, 1] -> patch + CLS tokens with positions, as the tower's forward does."""
+        x = (images - self.mean) / self.std
+        if self.trunk is not None:  # timm: patch embedding, CLS token and positions, norm_pre
+            return self.trunk.norm_pre(self.trunk._pos_embed(self.trunk.patch_embed(x)))
+        x = self.visual.conv1(x).flatten(2).transpose(1, 2)              # (B, H*W, D)
         cls = self.visual.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1) + self.visual.positional_embedding.to(x.dtype)
         return self.visual.ln_pre(x)                                     # (B, 1 + H*W, D)
@@ -163,14 +191,20 @@ class CLIPClassifier(nn.Module):
 
     def forward(self, images):
         """The paper's way: the whole vision transformer on every token, every step."""
-        return self.classify(self.visual.transformer(self.embed(images))[:, 0])
+        blocks = self.trunk.blocks if self.trunk is not None else self.visual.transformer
+        return self.classify(blocks(self.embed(images))[:, 0])
 
     def classify(self, cls):
         """(B, D) CLS output of the last block -> (B, C) logits."""
-        features = self.visual.ln_post(cls)
-        if self.head_type == "mlp":
+        if self.trunk is not None:
+            features = self.trunk.fc_norm(self.trunk.norm(cls))
+        else:
+            features = self.visual.ln_post(cls)
+        if self.head_type in ("mlp", "linear"):
             return self.head(features)
-        image = F.normalize(features @ self.visual.proj, dim=-1)         # (B, E)
+        image = self.visual.head(features) if self.trunk is not None else \
+            features @ self.visual.proj
+        image = F.normalize(image, dim=-1)                               # (B, E)
         if self.head_type == "fusion":
             pairs = torch.cat([image[:, None].expand(-1, self.n_classes, -1),
                                self.class_prompts[None].expand(len(image), -1, -1)], dim=-1)
@@ -186,11 +220,14 @@ def load_clip(model_name, pretrained):
             raise SystemExit(f"error: --model {model_name}: model config not found")
         open_clip.add_model_config(model_name)
         model_name = os.path.splitext(os.path.basename(model_name))[0]
-    if model_name not in open_clip.list_models() and not model_name.startswith("hf-hub:"):
-        raise SystemExit(f"error: --model {model_name}: unknown; choose one of "
-                         f"open_clip.list_models() (e.g. ViT-B-16), hf-hub:org/repo, or a .json")
+    # BiomedCLIP and other hub models: config and weights from the hub or its downloaded folder
+    from_hub = model_name.startswith(("hf-hub:", "local-dir:"))
+    if model_name not in open_clip.list_models() and not from_hub:
+        raise SystemExit(f"error: --model {model_name}: unknown; choose one of open_clip."
+                         f"list_models() (e.g. ViT-B-16), hf-hub:org/repo, local-dir:FOLDER "
+                         f"(a downloaded hub model), or a .json config")
     local_file = os.path.isfile(pretrained)
-    weights = None if pretrained == "none" else pretrained
+    weights = None if pretrained == "none" or from_hub else pretrained
     # OpenAI's weights were trained with QuickGELU; a tag says so itself, a local file cannot
     quick_gelu = bool(weights and not local_file and
                       open_clip.get_pretrained_cfg(model_name, weights).get("quick_gelu"))
@@ -200,8 +237,9 @@ def load_clip(model_name, pretrained):
               f"{pretrained} holds them, pass --model {model_name}-quickgelu")
     try:
         model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=quick_gelu)
+        tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as error:
-        if weights is None:
+        if weights is None and not from_hub:
             raise
         problem = f"{type(error).__name__}: {str(error)[:200]}"
         raise SystemExit(f"error: --pretrained {pretrained}: not weights of {model_name} "
@@ -211,17 +249,18 @@ def load_clip(model_name, pretrained):
                          f"reachable (weights are cached in ~/.cache/huggingface), or download "
                          f"the file and pass it: --model {model_name}-quickgelu --pretrained "
                          f"/path/to/open_clip_pytorch_model.bin (OpenAI weights use QuickGELU)"
-                         f", or use --pretrained none for random weights.")
-    if local_file:
+                         f", or use --pretrained none for random weights; a hub model's folder: "
+                         f"`hf download ORG/NAME --local-dir D`, then --model local-dir:D.")
+    if local_file or from_hub:
         weights = f"file:{tensor_digest(model.visual.parameters())[:16]}"
-    return model, open_clip.get_tokenizer(model_name), weights or "none"
+    return model, tokenizer, weights or "none"
 
 
 def build_model(args):
     set_seed(args.seed)  # random-init weights (--pretrained none) depend on the seed
     pretrained = "none" if args.benchmark else args.pretrained  # benchmark: random weights
     clip_model, tokenizer, weights = load_clip(args.model, pretrained)
-    name = os.path.splitext(os.path.basename(args.model))[0]
+    name = os.path.basename(os.path.normpath(args.model)).removesuffix(".json")
     head = "cosine" if args.epochs == 0 else args.head  # zero-shot: the prompts are the head
     return CLIPClassifier(clip_model, tokenizer, head, name, weights, args.trainable_blocks)
 
@@ -255,8 +294,7 @@ class FeatureCache:
             os.makedirs(self.dir)
         if stored is None or not os.path.exists(os.path.join(self.dir, "probe.bin")):
             self.write(os.path.join(self.dir, "probe.bin"), probe.numpy())
-            with open(os.path.join(self.dir, "key.json"), "w") as f:
-                json.dump(key, f, indent=1)  # for humans: what this folder holds
+            stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
 
     def path(self, content_hash, view):
         return os.path.join(self.dir, content_hash[:2], f"{content_hash}_v{view}.bin")
@@ -272,11 +310,10 @@ class FeatureCache:
     @staticmethod
     def read(path):
         """The stored tensor (float32), or None when missing or damaged (checksum mismatch)."""
-        try:
-            with open(path, "rb") as f:
-                stored = f.read()
-        except FileNotFoundError:
+        if not os.path.exists(path):
             return None
+        with open(path, "rb") as f:
+            stored = f.read()
         if hashlib.sha1(stored[20:]).digest() != stored[:20]:
             print(f"feature cache: {path} is damaged (checksum mismatch); recomputing it")
             return None
@@ -332,17 +369,13 @@ def build_cache(model, cache, jobs, data_dir, device, batch_size, skip_bad):
                       disable=not PROGRESS or not todo):
         pixels, keys = [], []
         for path, h, v in todo[start:start + batch_size]:
-            if path in bad:
-                continue
             try:
-                image = data.load_rgb(os.path.join(data_dir, path))
+                if path not in bad:
+                    image = data.load_rgb(os.path.join(data_dir, path))
+                    pixels.append(data.image_view(image, h, v, model.image_size))
+                    keys.append((h, v))
             except data.DecodeError as error:
-                if not skip_bad:
-                    raise SystemExit(f"error: {error}")
-                bad.append(path)
-                continue
-            pixels.append(data.image_view(image, h, v, model.image_size))
-            keys.append((h, v))
+                bad.append(path) if skip_bad else sys.exit(f"error: {error}")
         if pixels and cache:  # without a cache (--no-cache), only check that images decode
             with torch.no_grad():
                 features = model.stem(torch.stack(pixels).to(device)).float().cpu()
@@ -412,9 +445,8 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None):
     device = model.mean.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    class_weight = (balanced_class_weights(train_inputs.labels.numpy(), model.n_classes)
-                    .to(device) if args.class_weights else None)
-    loss_fn = make_loss(args.loss, class_weight)
+    loss_fn = make_loss(args.loss, balanced_class_weights(train_inputs.labels.numpy(), model
+                        .n_classes).to(device) if args.class_weights else None)
     state = {"epoch": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
              "history": []}
     if checkpoint is not None:  # --resume: everything the next epoch depends on
@@ -490,6 +522,9 @@ def check_arguments(args):
         ("split", args.split, not args.split or os.path.isfile(args.split),
          "no such file (make one with `python data.py split --data DIR --out S.csv --leak-free`)"),
         ("out", args.out, not args.out or not os.path.isfile(args.out), "is a file, not a folder"),
+        ("shots", args.shots, args.shots is None or args.shots >= 1, "1 or more"),
+        ("calibrate", "", not args.calibrate or args.select_on == "val",
+         "needs the validation split (not --select-on test)"),
         ("data", args.data, args.data is not None, "missing: pass the dataset folder (or --demo)"))
         if not ok]
     if problems:
@@ -503,13 +538,12 @@ def check_arguments(args):
     return torch.device(device)
 
 
-def evaluate(inputs, batch_size, class_names, keep=None):
-    """metrics_dict of one split (or of its samples where keep is True) and its probabilities."""
-    logits, loss = predict(inputs, batch_size)
+def evaluate(inputs, logits, loss, class_names, keep=None):
+    """metrics_dict of one split's logits (of its samples where keep is True), with the loss."""
     probs = torch.from_numpy(logits).softmax(-1).numpy()
     y_true, keep = inputs.labels.numpy(), slice(None) if keep is None else keep
-    metrics = stats.metrics_dict(y_true[keep], probs[keep].argmax(1), probs[keep], class_names)
-    return dict(metrics, loss=loss), probs
+    return dict(stats.metrics_dict(y_true[keep], probs[keep].argmax(1), probs[keep], class_names),
+                loss=loss)
 
 
 def run_one(args, build_model, out_dir):
@@ -518,6 +552,15 @@ def run_one(args, build_model, out_dir):
     set_seed(args.seed)
     val_fraction = 0.0 if args.select_on == "test" else args.val_fraction
     splits = data.load_splits(args.data, args.seed, val_fraction, args.split)
+    if args.shots:  # few-shot: K training images per class, seeded; validation and test kept
+        rng = np.random.default_rng(args.seed)
+        by_class = [[s for s in splits.train if s.label == c] for c in range(len(data.CLASSES))]
+        if min(len(members) for members in by_class) < args.shots:
+            raise SystemExit(f"error: --shots {args.shots}: a class has only "
+                             f"{min(len(m) for m in by_class)} training images; pass fewer")
+        splits.train = sorted((members[i] for members in by_class
+                               for i in rng.permutation(len(members))[:args.shots]),
+                              key=lambda s: s.path)
     model = build_model(args).to(device)
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = torch.load(checkpoint_path, weights_only=True) \
@@ -557,9 +600,12 @@ def run_one(args, build_model, out_dir):
                "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
                if history else None, "cache_build_seconds": cache_seconds,
                "cached": cache is not None, "undecodable_skipped": len(bad), "val": None}
+    logits = {}
     for name in ("train", "val", "test"):
         if len(inputs[name]):
-            metrics[name], probs = evaluate(inputs[name], args.batch_size, model.class_names)
+            logits[name], loss = predict(inputs[name], args.batch_size)
+            metrics[name] = evaluate(inputs[name], logits[name], loss, model.class_names)
+    probs = torch.from_numpy(logits["test"]).softmax(-1).numpy()
     # whatever the split, count the test images that copy a training or validation image
     leaky = data.test_paths_with_train_copy(args.data, [s.path for s in parts["train"]] +
                                             [s.path for s in parts["val"]],
@@ -568,8 +614,8 @@ def run_one(args, build_model, out_dir):
     keep = np.array([s.path not in leaky for s in parts["test"]])
     headline = f"test accuracy {metrics['test']['accuracy']:.4f}"
     if leaky and keep.any():
-        metrics["test_leak_free"], _ = evaluate(inputs["test"], args.batch_size,
-                                                model.class_names, keep)
+        metrics["test_leak_free"] = evaluate(inputs["test"], logits["test"],
+                                             metrics["test"]["loss"], model.class_names, keep)
         metrics["test_leak_free"]["n_test_with_train_copy"] = len(leaky)
         headline += f", {metrics['test_leak_free']['accuracy']:.4f} on the {keep.sum()} test " \
                     f"images without a copy in training ({len(leaky)} have one)"
@@ -579,8 +625,15 @@ def run_one(args, build_model, out_dir):
     header = f"{metrics['model']} seed {args.seed}, best epoch {best_epoch} chosen on the " \
              f"{selection}\n{headline}\n" + (f"{len(bad)} undecodable image(s) skipped "
                                               f"(--skip-bad): {', '.join(bad)}\n" if bad else "")
-    stats.write_run_folder(out_dir, metrics, history, [s.path for s in parts["test"]],
-                           inputs["test"].labels.numpy(), probs, model.class_names, header)
+    y_test = inputs["test"].labels.numpy()
+    if args.calibrate:  # temperature, class offsets and tumour threshold fitted on validation
+        metrics["calibration"] = stats.calibrate(logits["val"], inputs["val"].labels.numpy(),
+                                                 logits["test"], y_test, model.class_names)
+        calibrated = metrics["calibration"].pop("test_probs")
+    stats.write_run_folder(out_dir, metrics, history, [s.path for s in parts["test"]], y_test,
+                           probs, model.class_names, header)
+    if args.calibrate:  # the reliability diagram before and after
+        stats.plot_reliability(y_test, probs, calibrated, os.path.join(out_dir, "reliability.png"))
     print(f"{headline}; macro-F1 {metrics['test']['macro_f1']:.4f} (epoch {best_epoch}, "
           f"selected on the {selection}); results in {out_dir}/")
     shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
@@ -689,6 +742,9 @@ def make_parser(description):
                                   f"with --resume, extends the run")
     a("--trainable-blocks", type=int, default=TRAINABLE_BLOCKS,
       help="vision blocks that train; 0 is a linear probe on frozen features")
+    a("--shots", type=int, help="few-shot: train on K images per class (seeded)")
+    a("--calibrate", action="store_true", help="fit temperature, class offsets and tumour "
+                                               "threshold on validation logits (also zero-shot)")
     a("--batch-size", type=int, default=BATCH_SIZE, help="images per step")
     a("--lr", type=float, default=LEARNING_RATE, help="AdamW learning rate")
     a("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay")
@@ -741,9 +797,10 @@ def main(argv=None):
                         help="open_clip architecture (e.g. ViT-B-16) or a .json model config")
     parser.add_argument("--pretrained", default=PRETRAINED,
                         help="open_clip tag (openai, ...), a local weights file, or none")
-    parser.add_argument("--head", choices=["cosine", "mlp", "fusion"], default="cosine",
-                        help="cosine: scale x cosine(image, prompts) (paper's method); mlp: "
-                             "768->512->4 on CLS (paper's code); fusion: MLP on [image, prompt]")
+    parser.add_argument("--head", choices=["cosine", "mlp", "linear", "fusion"],
+                        default="cosine", help="cosine: scale x cosine(image, prompts) (paper's "
+                        "method); mlp: 768->512->4 on CLS (paper's code); linear: 768->4; "
+                        "fusion: MLP on [image, prompt] pairs")
     args = parse_args(parser, argv, model=write_tiny_config, pretrained="none")
     return run(args, build_model, "clip")
 

@@ -6,8 +6,8 @@
     python data.py merge SRC... --out ./merged             # several datasets, one copy per image
 
 --data DIR: the Kaggle layout DIR/Training/<class>/ + DIR/Testing/<class>/ (the official split),
-class folders DIR/<class>/ (stratified 80/20 by seed, as the paper's text says), or either with
---split CSV (path,label,split). Validation: a stratified, seeded part of training (default 10%).
+class folders DIR/<class>/ (stratified 80/20 by seed, as the paper's text says), or --split CSV
+(path,label,split); validation is a stratified, seeded part of training (default 10%).
 Measured on the Kaggle release (7,019 images): 994 of the 1,311 official test images have an
 exact or transformed copy in Training (all 405 notumor ones), 317 are leak-free.
 """
@@ -88,8 +88,8 @@ def class_folder_files(root, also_allowed=()):
     if not folders or any(not normalise_class_name(f) and f.lower() not in also_allowed
                           for f in folders):
         raise SystemExit(f"error: {root}: found {', '.join(f + '/' for f in folders) or 'nothing'}"
-                         f"; expected class folders glioma/ meningioma/ notumor/ pituitary/ (or "
-                         f"aliases: no_tumor/, no/, ...), or Training/ and Testing/ holding them")
+                         f"; need class folders {'/ '.join(CLASSES)}/ (or no_tumor/, no/, ...), "
+                         f"or Training/ and Testing/ holding them")
     found = []
     for folder in folders:
         pattern = os.path.join(glob.escape(os.path.join(root, folder)), "**", "*")
@@ -220,9 +220,8 @@ def image_view(image, content_hash, view, image_size):
         pixels = pixels.flip(-1)  # horizontal flip
     if torch.rand((), generator=g) < 0.5:
         pixels = pixels.flip(-2)  # vertical flip
-    angle = uniform(-ROTATION_DEGREES, ROTATION_DEGREES)
-    zoom = uniform(*ZOOM_RANGE)
-    pixels = TF.affine(pixels, angle=angle, translate=[0, 0], scale=zoom, shear=[0.0, 0.0],
+    pixels = TF.affine(pixels, angle=uniform(-ROTATION_DEGREES, ROTATION_DEGREES), translate=[0, 0],
+                       scale=uniform(*ZOOM_RANGE), shear=[0.0, 0.0],
                        interpolation=TF.InterpolationMode.BILINEAR)
     pixels = TF.adjust_brightness(pixels, uniform(*BRIGHTNESS_RANGE))
     pixels = TF.adjust_contrast(pixels, uniform(*CONTRAST_RANGE))
@@ -233,9 +232,8 @@ def image_view(image, content_hash, view, image_size):
 # ---- synthetic MRI-like data -------------------------------------------------------------------
 
 def synth_image(label, rng, size=96):
-    """(grey 'brain' ellipse on black, lesion box (x0, y0, x1, y1) or None for notumor).
-    glioma: large ring-enhancing lesion (bright rim, dark core) inside a hemisphere; meningioma:
-    bright round mass at the brain's edge; pituitary: small bright blob below the centre."""
+    """(grey 'brain' ellipse, lesion box (x0, y0, x1, y1) or None). glioma: large ring-enhancing
+    lesion in a hemisphere; meningioma: bright round mass at the edge; pituitary: small blob."""
     image = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(image)
     cx, cy = size * rng.uniform(0.46, 0.54), size * rng.uniform(0.46, 0.54)
@@ -311,13 +309,11 @@ def read_lesion_boxes(csv_path):
 # local std), which removes brightness, contrast, gamma and most sharpening and keeps where the
 # anatomy's edges are: that tells a copy from a neighbouring slice. The score of (a, b) is the
 # largest correlation of b's signature with the 8 flips/rotations of a's (the group D4); every
-# pair is scored, no candidate stage could miss one. Calibrated on the Kaggle copy (contact
-# sheets of score bands): neighbouring slices score 0.50-0.87, copies >= 0.92 (none between);
-# in notumor (Br35H, sharpened and contrast-stretched copies) pairs from 0.86 up were copies.
+# pair is scored. Calibrated on Kaggle's contact sheets: neighbouring slices score 0.50-0.87,
+# copies >= 0.92; in notumor (sharpened, contrast-stretched copies) 0.86 and up were copies.
 THUMB_SIZE = 64             # side of the grey thumbnail that signatures are computed on
 LCN_SIGMA = 2.0             # pixels (at 64 x 64): scale of the LCN's local mean and std
-LCN_FLOOR = 0.3             # floor of the local std (global std = 1): JPEG noise in the black
-                            # background is not blown up
+LCN_FLOOR = 0.3             # floor of the local std (global std 1): JPEG noise stays small
 COPY_THRESHOLD = 0.90       # score >= this: a copy (some processed notumor copies score less)
 SIMILAR_THRESHOLD = 0.50    # score in [0.50, 0.90): alike, probably a neighbouring slice
 SIGNATURE_CACHE = "leak_signatures.npz"   # pixel hashes and signatures, keyed by file SHA-1
@@ -359,11 +355,9 @@ def lcn_signatures(thumbnails):
 
 
 def load_signatures(data_dir, paths, cache_dir=None):
-    """(pixel hashes, (N, 64, 64) float32 signatures) of data_dir/<path> for each path.
-
-    Cached in cache_dir/leak_signatures.npz by file SHA-1 (a renamed file still hits) in float16
-    (scores move < 1e-4); new files are decoded, then the cache is rewritten to a temporary file
-    and renamed. An undecodable file matches nothing (hash "undecodable:...", zero signature)."""
+    """(pixel hashes, (N, 64, 64) float32 signatures) of data_dir/<path> for each path, cached
+    in cache_dir by file SHA-1 as float16 (scores move < 1e-4); only new files are decoded. An
+    undecodable file matches nothing (hash "undecodable:...", zero signature)."""
     keys = [file_hash(os.path.join(data_dir, p)) for p in paths]
     cache_file, cached = os.path.join(cache_dir or "", SIGNATURE_CACHE), {}
     if cache_dir and os.path.exists(cache_file):
@@ -396,14 +390,14 @@ def load_signatures(data_dir, paths, cache_dir=None):
         hashes, signatures = zip(*cached.values())
         np.savez(temporary, settings=SIGNATURE_SETTINGS, keys=list(cached), hashes=hashes,
                  signatures=np.stack(signatures))
-        os.replace(temporary, cache_file)
+        os.replace(temporary, cache_file)  # readers never see half a file
     signatures = np.array([cached[key][1] for key in keys], np.float16)
     return [cached[key][0] for key in keys], \
         torch.from_numpy(signatures).float().reshape(-1, THUMB_SIZE, THUMB_SIZE)
 
 
 def mirror_parts(signatures):
-    """(N, S, S) -> (4, N, S*S/4): the parts of each signature that are even/odd under the
+    """(N, S, S) -> (4, N, S*S/4): the parts of each signature that are even or odd under the
     left-right and up-down mirrors, each given by its top-left quadrant (scaled: products stay).
     A mirror keeps or negates each part, so <mirror(a), b> is a signed sum of the 4 part
     products (MIRROR_SIGNS): the 4 mirrors cost one full-size product instead of four."""
@@ -411,10 +405,9 @@ def mirror_parts(signatures):
     top_left, top_right = signatures[:, :half, :half], signatures[:, :half, half:].flip(-1)
     bottom_left = signatures[:, half:, :half].flip(-2)
     bottom_right = signatures[:, half:, half:].flip(-2, -1)
-    parts = (top_left + top_right + bottom_left + bottom_right,
-             top_left - top_right + bottom_left - bottom_right,
-             top_left + top_right - bottom_left - bottom_right,
-             top_left - top_right - bottom_left + bottom_right)
+    # lr, ud: the part's parity under the left-right and up-down mirrors (+1 even, -1 odd)
+    parts = [top_left + lr * top_right + ud * bottom_left + lr * ud * bottom_right
+             for lr, ud in ((1, 1), (-1, 1), (1, -1), (-1, -1))]
     return torch.stack([part.flatten(1) / 2 for part in parts])
 
 
@@ -457,8 +450,6 @@ def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None
     signatures are compared with training ones directly, from cache_dir's signatures once they
     exist (2-5 s for Kaggle's 7,019 images on 2 CPU cores). The rest is the leak-free test set."""
     train_paths, test_paths = list(train_paths), list(test_paths)
-    if not train_paths or not test_paths:
-        return set()
     hashes, signatures = load_signatures(data_dir, test_paths + train_paths, cache_dir)
     pairs = find_pairs(hashes, signatures[:len(test_paths)], signatures[len(test_paths):])
     return {test_paths[i] for i, _ in pairs}
@@ -487,7 +478,7 @@ def run_audit(data_dir, out_dir, cache_dir=None):
     parts = [part for _, _, part in images]
     summary = {"data": os.path.abspath(data_dir), "images": {p or "all": parts.count(p)
                                                              for p in sorted(set(parts))}}
-    if official_split_folders(data_dir):
+    if len(summary["images"]) == 2:  # Training/ and Testing/
         train_part, test_part = official_split_folders(data_dir)
         test = [(path, label) for path, label, part in images if part == test_part]
         copied = test_paths_with_train_copy(data_dir, [p for p, _, part in images
@@ -500,18 +491,15 @@ def run_audit(data_dir, out_dir, cache_dir=None):
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     kinds = [row[-1] for row in rows]
-    print(f"{len(images)} images {summary['images']}: {kinds.count('exact')} exact, "
-          f"{kinds.count('transformed')} transformed, {kinds.count('similar')} similar pairs "
-          f"in {out_dir}/pairs.csv; test images with a copy in training (summary.json):")
-    for name, counts in summary.get("test_with_train_copy", {}).items():
-        print(f"  {name:10s} {counts['with_copy']:4d} of {counts['test_images']:4d}")
+    counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("exact", "transformed", "similar"))
+    print(f"{len(rows)} pairs ({counts}) in {out_dir}/pairs.csv; {out_dir}/summary.json:\n"
+          f"{json.dumps(summary, indent=1)}")
     return summary
 
 
 def assign_groups_to_parts(group_labels, group_sizes, fractions, seed):
-    """Part index (0..len(fractions)-1) of each group, stratified by group label: within each
-    label the groups go in seeded random order, each to the part furthest below its target
-    (fraction x images of that label); a part overshoots by at most one group."""
+    """Part index of each group, stratified by label: within a label the groups go in seeded
+    random order, each to the part furthest below its target (fraction x the label's images)."""
     rng = np.random.default_rng(seed)
     part_of_group = [0] * len(group_labels)
     for label in sorted(set(group_labels)):
@@ -525,9 +513,8 @@ def assign_groups_to_parts(group_labels, group_sizes, fractions, seed):
 
 
 def make_split(data_dir, seed, leak_free=True, cache_dir=None):
-    """(rows (path, label, train/val/test), group of each image): a stratified 80/10/10 split.
-    leak_free: images linked by exact or transformed copies form one group (connected
-    components), and whole groups go to one part, stratified by their majority label."""
+    """(rows (path, label, train/val/test), group of each image): a stratified 80/10/10 split;
+    leak_free: copies (exact, transformed) form one group, and whole groups go to one part."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     images = audit_images(data_dir)
@@ -549,29 +536,23 @@ def make_split(data_dir, seed, leak_free=True, cache_dir=None):
 # ---- merging datasets --------------------------------------------------------------------------
 
 def merge_datasets(sources, out_dir):
-    """`data.py merge`: copy the images of several sources into out_dir, one per group of copies.
-
-    An image with an exact or transformed copy (the audit's matcher: any size, mirrored, rotated,
-    re-encoded, other contrast) in an earlier source is dropped: the first source given wins;
-    copies within one source stay (a leak-free split keeps them together). Layout: Training/ and
-    Testing/ when every source has them, else <class>/. manifest.csv: dest_path, source_path,
-    source_dataset, label, status (copied, dropped, dropped (label conflict), skipped: why),
-    copy_of (the kept file a dropped one copies), how (exact, resized/re-encoded, or the D4
-    transform, e.g. flip_lr). Returns the manifest rows."""
+    """`data.py merge` into out_dir/<class>/: an image with an exact or transformed copy (the
+    audit's matcher) in an earlier source is dropped; copies within one source stay (a leak-free
+    split keeps them together). manifest.csv says for each file: copied, dropped (copy_of: the
+    kept file; how: exact, resized/re-encoded or the D4 transform; "label conflict" when filed
+    under another class) or skipped: why."""
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise SystemExit(f"error: {out_dir}: exists and is not an empty folder; choose a new --out")
-    items, keep_split = [], True  # items: (source name, file, label, split folder, skip reason)
+    items = []  # (source name, file, label, skip reason), sources in order, Training first
     for number, source in enumerate(sources, start=1):
         if not os.path.isdir(source):
             raise SystemExit(f"error: {source}: no such folder; a merge source is a dataset folder")
-        official = official_split_folders(source)
-        keep_split &= official is not None
         name = f"{number}-{os.path.basename(os.path.normpath(source))}"  # unique, e.g. 2-br35h
-        for part, folder in zip(("Training", "Testing"), official) if official else [("", "")]:
-            for class_folder, images, _ in class_folder_files(os.path.join(source, folder),
+        for part in official_split_folders(source) or [""]:
+            for class_folder, images, _ in class_folder_files(os.path.join(source, part),
                                                               UNLABELLED_FOLDERS):
                 label = normalise_class_name(class_folder)
-                items += [(name, path, label, part, UNLABELLED_FOLDERS.get(class_folder.lower()))
+                items += [(name, path, label, UNLABELLED_FOLDERS.get(class_folder.lower()))
                           for path in images]
     labelled = [k for k, item in enumerate(items) if item[2]]
     hashes, signatures = load_signatures("", [items[k][1] for k in labelled])
@@ -579,12 +560,12 @@ def merge_datasets(sources, out_dir):
     best = {}  # item -> (rank, -original, how) of its best copy in an earlier source
     for (i, j), (kind, transform, score) in find_pairs(hashes, signatures).items():
         i, j = labelled[i], labelled[j]  # i < j: i is from the same or an earlier source
-        if items[i][0] != items[j][0] and not hash_of[i].startswith("undecodable"):
+        if items[i][0] != items[j][0]:  # copies within one source stay
             how = "exact" if kind == "exact" else \
                 transform.replace("identity", "resized/re-encoded")
             best[j] = max(best.get(j, (-1,)), (2 if kind == "exact" else score, -i, how))
     manifest, kept = [], {}  # kept: item -> its path in out_dir, or the path of its kept copy
-    for k, (name, path, label, part, reason) in enumerate(items):
+    for k, (name, path, label, reason) in enumerate(items):
         row = {"dest_path": "", "source_path": path, "source_dataset": name, "label": label or "",
                "status": f"skipped: {reason}", "copy_of": "", "how": ""}
         if hash_of.get(k, "").startswith("undecodable"):
@@ -595,11 +576,10 @@ def merge_datasets(sources, out_dir):
             conflict = " (label conflict)" if items[original][2] != label else ""
             row.update(status=f"dropped{conflict}", copy_of=kept[k], how=best[k][2])
         elif label:
-            folder = f"{part}/{label}" if keep_split else label
-            dest = f"{folder}/{os.path.basename(path)}"
+            dest = f"{label}/{os.path.basename(path)}"
             while os.path.exists(os.path.join(out_dir, dest)):  # name taken: prefix the source
-                dest = f"{folder}/{name}_{os.path.basename(dest)}"
-            os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+                dest = f"{label}/{name}_{os.path.basename(dest)}"
+            os.makedirs(os.path.join(out_dir, label), exist_ok=True)
             shutil.copyfile(path, os.path.join(out_dir, dest))
             kept[k] = dest
             row.update(dest_path=dest, status="copied")
@@ -607,12 +587,11 @@ def merge_datasets(sources, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "manifest.csv"), "w", newline="") as f:
         csv.writer(f).writerows([list(manifest[0])] + [list(row.values()) for row in manifest])
-    status = [row["status"] for row in manifest]
-    print(f"wrote {out_dir}: {status.count('copied')} images copied, "
-          f"{sum(s.startswith('dropped') for s in status)} copies of an earlier source's image "
-          f"dropped ({status.count('dropped (label conflict)')} filed under another class), "
-          f"{sum(s.startswith('skipped') for s in status)} skipped; see manifest.csv"
-          + ("" if keep_split else "; <class>/ folders: not every source has Training/Testing/"))
+    status = [row["status"].split(" ")[0] for row in manifest]
+    conflicts = sum(row["status"].endswith("(label conflict)") for row in manifest)
+    print(f"wrote {out_dir}: {status.count('copied')} copied, {status.count('dropped')} dropped "
+          f"as copies of an earlier source's image ({conflicts} filed under another class), "
+          f"{status.count('skipped:')} skipped; see manifest.csv, split with `data.py split`")
     return manifest
 
 

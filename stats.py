@@ -3,20 +3,16 @@
     python stats.py compare runs/clip-seed0 runs/blip-seed0   # bootstrap CIs, paired diff, McNemar
     python stats.py summary runs/clip-seeds/seed*             # mean +- sample std over runs
 
-NumPy and SciPy only (matplotlib inside the figure functions); each run-folder file is written and
-read here. tests/test_stats.py checks every metric against scikit-learn or a worked example.
-Conventions: y_true, y_pred are class indices (N,); probs is (N, C), rows summing to 1; a
-confusion matrix has rows = true class, columns = predicted class.
+Checked against scikit-learn or worked examples in tests/test_stats.py. y_true, y_pred: class
+indices (N,); probs: (N, C); a confusion matrix has rows = true, columns = predicted class.
 """
 import argparse
 import csv
 import json
-import math
 import os
 
 import numpy as np
-from scipy import optimize, special
-from scipy import stats as scipy_stats
+from scipy import optimize, special, stats as scipy_stats
 
 CI_METHOD = "BCa"          # bootstrap interval: 'BCa' (bias-corrected, accelerated) or 'percentile'
 N_RESAMPLES = 2000         # bootstrap resamples per interval
@@ -43,13 +39,11 @@ def accuracy(y_true, y_pred):
 
 
 def confusion_matrix(y_true, y_pred, n_classes):
-    """Counts (..., C, C) of labels (..., N): [t, p] = images of true class t predicted as p.
-    Leading axes (the bootstrap's resamples) are counted at once by one bincount of (row, t, p)."""
+    """Counts (..., C, C) of labels (..., N): [t, p] = images of true class t predicted as p."""
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     if not np.all((0 <= y_true) & (y_true < n_classes) & (0 <= y_pred) & (y_pred < n_classes)):
-        raise SystemExit(f"error: a label is outside 0..{n_classes - 1}; pass n_classes = the "
-                         "number of class names")
-    leading = y_true.shape[:-1]
+        raise SystemExit(f"error: a label is outside 0..{n_classes - 1}; pass every class name")
+    leading = y_true.shape[:-1]  # e.g. the bootstrap's resamples: one bincount of (row, t, p)
     row_index = np.arange(int(np.prod(leading))).reshape(leading + (1,))  # (..., 1)
     flat_index = (row_index * n_classes + y_true) * n_classes + y_pred    # (..., N)
     counts = np.bincount(flat_index.ravel(), minlength=row_index.size * n_classes ** 2)
@@ -57,30 +51,27 @@ def confusion_matrix(y_true, y_pred, n_classes):
 
 
 def precision_recall_f1(y_true, y_pred, n_classes):
-    """Per-class precision TP/(TP+FP), recall TP/(TP+FN), F1 2TP/(2TP+FP+FN) and support, each
-    (..., C); a zero denominator gives 0 (sklearn's zero_division=0)."""
+    """Per-class precision, recall, F1 and support, each (..., C); 0/0 gives 0 (zero_division=0)."""
     counts = confusion_matrix(y_true, y_pred, n_classes)
     true_pos = np.diagonal(counts, axis1=-2, axis2=-1)
     predicted, support = counts.sum(axis=-2), counts.sum(axis=-1)  # TP + FP, TP + FN
-    f1 = _safe_divide(2 * true_pos, predicted + support)
+    f1 = _safe_divide(2 * true_pos, predicted + support)  # 2TP / (2TP + FP + FN)
     return _safe_divide(true_pos, predicted), _safe_divide(true_pos, support), f1, support
 
 
 def macro_average(per_class, support):
-    """Mean over the classes PRESENT in y_true (support > 0), (..., C) -> (...), as sklearn's
-    average="macro" with labels = the present classes. An absent class has no true image, so its
-    recall and F1 mean nothing; scoring them 0 would cap macro-F1 at (C - 1) / C."""
+    """Mean (..., C) -> (...) over the classes PRESENT in y_true (sklearn's macro with labels =
+    those): an absent class's recall and F1 mean nothing, and 0s would cap macro-F1 at (C-1)/C."""
     present = np.asarray(support) > 0
     with np.errstate(invalid="ignore"):  # no class present: 0/0 -> NaN
         return np.sum(np.where(present, per_class, 0), axis=-1) / present.sum(axis=-1)
 
 
 def top_k_accuracy(y_true, probs, k):
-    """Share of images whose true class is among the k most probable. Ties count as hits (fewer
-    than k classes strictly above it); sklearn breaks them by class index instead."""
+    """Share of images whose true class is among the k most probable; ties count as hits."""
     probs, y_true = np.asarray(probs, dtype=float), np.asarray(y_true, dtype=int)
     true_class_prob = probs[np.arange(len(y_true)), y_true]          # (N,)
-    n_classes_above = (probs > true_class_prob[:, None]).sum(axis=1)  # (N,)
+    n_classes_above = (probs > true_class_prob[:, None]).sum(axis=1)  # (N,); sklearn: ties by index
     return float(np.mean(n_classes_above < k))
 
 
@@ -114,20 +105,17 @@ def pr_curve(is_positive, scores):
 
 
 def _one_vs_rest(y_true, probs, area):
-    """area(is class c, probs[:, c]) per class and its mean; a class absent from y_true has no
-    curve (nor has ROC when c is all of y_true): NaN, skipped by the mean."""
+    """area(is class c, probs[:, c]) per class, NaN for a class absent from y_true, and the mean."""
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     per_class = np.full(probs.shape[1], np.nan)
-    for c in range(probs.shape[1]):
-        if np.any(y_true == c):
-            per_class[c] = area(y_true == c, probs[:, c])
+    for c in np.unique(y_true):
+        per_class[c] = area(y_true == c, probs[:, c])  # NaN for ROC when c is all of y_true
     defined = per_class[~np.isnan(per_class)]
-    return per_class, float(defined.mean()) if defined.size else math.nan
+    return per_class, float(defined.mean()) if defined.size else np.nan
 
 
 def roc_auc_ovr(y_true, probs):
-    """One-vs-rest ROC AUC per class and macro: trapezoids over every distinct threshold, i.e.
-    P(a class-c image outscores another), ties half (sklearn's roc_auc_score)."""
+    """One-vs-rest ROC AUC per class and macro: trapezoids over each threshold (sklearn's)."""
     def trapezoid_area(is_positive, scores):
         fpr, tpr, _ = roc_curve(is_positive, scores)
         return np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
@@ -135,8 +123,7 @@ def roc_auc_ovr(y_true, probs):
 
 
 def average_precision(y_true, probs):
-    """One-vs-rest average precision per class and macro: AP = sum_i (R_i - R_{i-1}) P_i over the
-    thresholds, a step function, not interpolated (sklearn's average_precision_score)."""
+    """One-vs-rest average precision per class and macro: sum_i (R_i - R_{i-1}) P_i (sklearn's)."""
     def step_area(is_positive, scores):
         precision, recall, _ = pr_curve(is_positive, scores)
         return np.sum(np.diff(recall) * precision[1:])
@@ -163,28 +150,18 @@ def expected_calibration_error(y_true, probs, n_bins=ECE_BINS):
     return float(np.sum(count[count > 0] / count.sum() * gaps))
 
 
-def negative_log_likelihood(logits, y_true):
-    """Mean -log softmax(logits)[true class]."""
-    log_probs = special.log_softmax(np.asarray(logits, dtype=float), axis=1)
-    return float(-np.mean(log_probs[np.arange(len(y_true)), y_true]))
-
-
 def fit_temperature_and_offsets(logits, y_true):
     """(T, b) minimising the NLL of softmax(logits / T + b), by L-BFGS on (log T, b) from the model
     as it is (T = 1, b = 0), kept unless the fit ends lower; b has mean 0 (softmax ignores it)."""
-    logits = np.asarray(logits, dtype=float)
-    one_hot = np.eye(logits.shape[1])[y_true]  # (N, C)
+    logits, rows = np.asarray(logits, dtype=float), np.arange(len(y_true))
 
-    def nll_and_gradient(params):
-        temperature, offsets = np.exp(params[0]), params[1:]
-        log_probs = special.log_softmax(logits / temperature + offsets, axis=1)
-        residual = (np.exp(log_probs) - one_hot) / len(logits)  # dNLL / d(scaled logits), (N, C)
-        d_log_temperature = np.sum(residual * -logits / temperature)  # d scaled / d log T = -z / T
-        return -np.sum(one_hot * log_probs) / len(logits), np.r_[d_log_temperature, residual.sum(0)]
+    def nll(params):  # params = (log T, b_1 .. b_C); gradients by finite differences
+        log_probs = special.log_softmax(logits / np.exp(params[0]) + params[1:], axis=1)
+        return -np.mean(log_probs[rows, y_true])
 
     start = np.zeros(1 + logits.shape[1])
-    fitted = optimize.minimize(nll_and_gradient, start, jac=True, method="L-BFGS-B").x
-    if not nll_and_gradient(fitted)[0] < nll_and_gradient(start)[0]:
+    fitted = optimize.minimize(nll, start, method="L-BFGS-B").x
+    if not nll(fitted) < nll(start):
         fitted = start
     return float(np.exp(fitted[0])), fitted[1:] - fitted[1:].mean()
 
@@ -196,12 +173,9 @@ def binary_f1(is_positive, called_positive):
 
 
 def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_class="notumor"):
-    """Fit on the validation split and score on the test split: a temperature T and per-class
-    offsets b by NLL (probs = softmax(logits / T + b)), and the threshold t on the calibrated
-    P(tumour) = 1 - P(negative_class) with the best validation tumour-vs-no-tumour F1 (the
-    BiomedCLIP study's remedy). Tumour call before: the model's argmax is not negative_class;
-    after: P(tumour) >= t. Returns temperature, offsets, {val,test}_{nll,ece}_{before,after},
-    threshold, test_tumour_f1_{before,after}, test_probs ((N, C) array: pop it before JSON)."""
+    """Fit on validation, score on test: T and per-class offsets b by NLL (probs = softmax(logits
+    / T + b)), then the threshold t on P(tumour) = 1 - P(negative_class) with the best validation
+    tumour F1 (the BiomedCLIP study's remedy). Tumour call before: argmax != negative_class."""
     if negative_class not in class_names:
         raise SystemExit(f"error: calibrate: {negative_class!r} is not one of {list(class_names)}; "
                          "pass the no-tumour class as negative_class")
@@ -211,31 +185,26 @@ def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_clas
     result = {"temperature": temperature, "offsets": dict(zip(class_names, offsets))}
     for split, logits, y_true in (("val", val_logits, val_y), ("test", test_logits, test_y)):
         for when, scaled in (("before", logits), ("after", logits / temperature + offsets)):
-            result[f"{split}_nll_{when}"] = negative_log_likelihood(scaled, y_true)
-            result[f"{split}_ece_{when}"] = expected_calibration_error(
-                y_true, special.softmax(scaled, axis=1))
+            log_probs = special.log_softmax(scaled, axis=1)  # (N, C); NLL: mean -log p(true class)
+            result[f"{split}_nll_{when}"] = -np.mean(log_probs[np.arange(len(y_true)), y_true])
+            result[f"{split}_ece_{when}"] = expected_calibration_error(y_true, np.exp(log_probs))
     val_tumour = 1 - special.softmax(val_logits / temperature + offsets, axis=1)[:, negative]
-    test_probs = special.softmax(test_logits / temperature + offsets, axis=1)
+    test_probs = special.softmax(test_logits / temperature + offsets, axis=1)  # (N, C)
     val_is_tumour, test_is_tumour = np.asarray(val_y) != negative, np.asarray(test_y) != negative
     # only the validation scores themselves can change the call: try each, keep the best F1
     candidates = np.unique(val_tumour)
     val_f1 = [binary_f1(val_is_tumour, val_tumour >= t) for t in candidates]
     threshold = float(candidates[np.argmax(val_f1)])  # ties: the lowest such threshold
-    model_calls_tumour = test_logits.argmax(axis=1) != negative
-    result.update(threshold=threshold, test_probs=test_probs,
-                  test_tumour_f1_before=binary_f1(test_is_tumour, model_calls_tumour),
-                  test_tumour_f1_after=binary_f1(test_is_tumour,
-                                                 1 - test_probs[:, negative] >= threshold))
-    return result
+    before = binary_f1(test_is_tumour, test_logits.argmax(axis=1) != negative)
+    after = binary_f1(test_is_tumour, 1 - test_probs[:, negative] >= threshold)
+    return result | {"threshold": threshold, "test_probs": test_probs,
+                     "test_tumour_f1_before": before, "test_tumour_f1_after": after}
 
 
 # ---- all metrics of one split, and the paper's table -------------------------------------------
 
 def metrics_dict(y_true, y_pred, probs, class_names):
-    """Every metric of one split, JSON-ready (NaN -> None): n, accuracy, macro_f1, weighted_f1,
-    macro_precision, macro_recall, per_class {name: {precision, recall, f1, support, sensitivity,
-    specificity, roc_auc, pr_auc}}, confusion_matrix, and from probs (None leaves them out):
-    top2_accuracy (C > 2), macro_roc_auc, macro_pr_auc, ece. Macro: present classes only."""
+    """Every metric of one split, JSON-ready (NaN -> None); probs=None leaves out ranking ones."""
     n_classes = len(class_names)
     precision, recall, f1, support = precision_recall_f1(y_true, y_pred, n_classes)
     counts = confusion_matrix(y_true, y_pred, n_classes)
@@ -264,19 +233,17 @@ def metrics_dict(y_true, y_pred, probs, class_names):
 def classification_report(y_true, y_pred, class_names):
     """Text in the layout of the paper's Tables 3-4; Macro Avg over the classes present (noted)."""
     precision, recall, f1, support = precision_recall_f1(y_true, y_pred, len(class_names))
-    weights = _safe_divide(support, support.sum())
+    scores = np.stack([precision, recall, f1])  # (3, C)
     width = max(len("Overall Accuracy"), *(len(name) for name in class_names))
-    row = f"{{:<{width}}}  {{:>9}}  {{:>6}}  {{:>8}}  {{:>7}}"
-    lines = [row.format("Class", "Precision", "Recall", "F1-score", "Support")]
+    row = f"{{:<{width}}}  {{:>9}}  {{:>6}}  {{:>8}}  {{:>7}}".format
+    lines = [row("Class", "Precision", "Recall", "F1-score", "Support")]
     for c, name in enumerate(class_names):
-        lines.append(row.format(name, *(f"{score[c]:.2f}" for score in (precision, recall, f1)),
-                                support[c]))
-    macro = [f"{macro_average(score, support):.2f}" for score in (precision, recall, f1)]
-    weighted = [f"{weights @ score:.2f}" for score in (precision, recall, f1)]
+        lines.append(row(name, *(f"{score:.2f}" for score in scores[:, c]), support[c]))
+    macro = [f"{score:.2f}" for score in macro_average(scores, support)]
+    weighted = [f"{score:.2f}" for score in scores @ _safe_divide(support, support.sum())]
     overall = f"{accuracy(y_true, y_pred):.2f}"
-    lines += [row.format("Overall Accuracy", "", "", overall, len(y_true)),
-              row.format("Macro Avg", *macro, len(y_true)),
-              row.format("Weighted Avg", *weighted, len(y_true))]
+    lines += [row("Overall Accuracy", "", "", overall, len(y_true)),
+              row("Macro Avg", *macro, len(y_true)), row("Weighted Avg", *weighted, len(y_true))]
     absent = [name for name, count in zip(class_names, support) if count == 0]
     if absent:
         lines.append(f"Macro Avg is over the classes present; no true image of {', '.join(absent)}")
@@ -286,10 +253,8 @@ def classification_report(y_true, y_pred, class_names):
 # ---- statistical tests: McNemar and bootstrap confidence intervals -----------------------------
 
 def mcnemar(correct_a, correct_b, continuity_correction=True):
-    """McNemar's test of equal accuracy on the same images. b = images right only in A, c = only
-    in B; under H0 b ~ Binomial(b + c, 1/2). Returns the 2x2 counts, mcnemar_exact_p (two-sided
-    binomial test), mcnemar_chi2 = (|b - c| - 1)^2 / (b + c) (no -1 without continuity
-    correction; b = c gives 1 / (b + c), as R's mcnemar.test) and mcnemar_chi2_p (1 dof)."""
+    """McNemar's test; b, c = images right only in A, only in B. Exact p: two-sided binomial test
+    of b ~ Bin(b + c, 1/2); chi2 = (|b - c| - 1)^2 / (b + c), 1 dof (-1: continuity correction)."""
     correct_a, correct_b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
     exact_p, chi2, chi2_p = 1.0, 0.0, 1.0  # never disagreeing: no evidence either way
@@ -332,21 +297,18 @@ def macro_f1_ci(y_true, y_pred, n_classes, **bootstrap_options):
 
 
 def accuracy_difference_ci(correct_a, correct_b, **bootstrap_options):
-    """Paired interval of accuracy(A) - accuracy(B) on the same images."""
-    def mean_difference(a, b, axis=-1):  # mean(a - b) sums exact 0/1 differences: equal resamples
-        return np.mean(a - b, axis=axis)  # give bit-equal values, as BCa's bias estimate needs
-    samples = (np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float))
-    return bootstrap_ci(samples, mean_difference, **bootstrap_options)
+    """Paired interval of accuracy(A) - accuracy(B): the per-image differences resampled."""
+    # sums of exact -1 / 0 / 1 values: equal resamples give bit-equal means, as BCa's bias needs
+    differences = np.asarray(correct_a, dtype=float) - np.asarray(correct_b, dtype=float)
+    return bootstrap_ci((differences,), np.mean, **bootstrap_options)
 
 
 # ---- explanation maps against known lesions ----------------------------------------------------
 
 def pointing_game(heatmaps, boxes, brain_masks, tolerance=POINTING_TOLERANCE):
-    """(hit rate, chance) of maps on tumour images. heatmaps, brain_masks: (H, W) per image (the
-    map at the image's pixels, the mask True in the brain); boxes: (x0, y0, x1, y1) pixels, ends
-    inclusive. Hit: the map's maximum (first in row-major order) is in the box grown by tolerance.
-    chance: the mean share of brain pixels in the grown box, i.e. the exact expected hit rate of
-    a uniformly random point in the brain."""
+    """(hit rate, chance) of (H, W) maps with brain masks and lesion boxes (x0, y0, x1, y1), pixels,
+    ends inclusive. Hit: the map's first (row-major) maximum is in the box grown by tolerance;
+    chance: the mean share of brain pixels in that box, the hit rate of a random brain point."""
     hits, chances = [], []
     for heatmap, (x0, y0, x1, y1), brain in zip(heatmaps, boxes, brain_masks, strict=True):
         heatmap, brain = np.asarray(heatmap), np.asarray(brain, dtype=bool)
@@ -371,22 +333,21 @@ def _to_json(value):
         return {str(key): _to_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_json(item) for item in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 def atomic_write(path, write, mode="wb"):
-    """write(file) into path.tmp<pid>, then rename it over path: a killed run never leaves half
-    a file. On any failure the temporary file is removed; a full disk names the path."""
+    """write(file) into path.tmp<pid>, renamed over path: a killed run never leaves half a file."""
     temporary = f"{path}.tmp{os.getpid()}"
     try:
         with open(temporary, mode) as file:
             write(file)
         os.replace(temporary, path)
-    except OSError as error:
+    except OSError as error:  # e.g. a full disk
         raise SystemExit(f"error: {path}: cannot write ({error.strerror}); free disk space or "
                          f"choose another --out / --cache-dir") from None
     finally:
-        if os.path.exists(temporary):
+        if os.path.exists(temporary):  # any failure, the write's own exceptions included
             os.remove(temporary)
 
 
@@ -401,10 +362,9 @@ RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "ch
 
 
 def claim_run_folder(out_dir, overwrite, resume):
-    """Make out_dir this run's: refuse it while another live run holds out_dir/.lock (its pid),
-    or, without --overwrite or --resume, when it holds a run's files. --overwrite moves those
-    (RUN_FILES only) to out_dir/replaced/; the run deletes that folder once it completes."""
-    lock = os.path.join(out_dir, ".lock")
+    """Refuse out_dir while another live run holds out_dir/.lock (its pid), or when it holds
+    RUN_FILES without --overwrite or --resume; --overwrite moves them to out_dir/replaced/."""
+    lock, replaced = os.path.join(out_dir, ".lock"), os.path.join(out_dir, "replaced")
     try:
         with open(lock) as file:
             pid = int(file.read())
@@ -419,39 +379,37 @@ def claim_run_folder(out_dir, overwrite, resume):
         raise SystemExit(f"error: {out_dir}: run folder exists; pass --resume {out_dir} to "
                          f"continue it, --overwrite to replace it, or --out for a new folder")
     try:
-        os.makedirs(os.path.join(out_dir, "replaced"), exist_ok=True)
+        os.makedirs(replaced, exist_ok=True)  # the run deletes it once it completes
         with open(lock, "w") as file:
             file.write(str(os.getpid()))
     except OSError as error:
         raise SystemExit(f"error: --out {out_dir}: cannot write there ({error.strerror})")
-    kept = os.listdir(os.path.join(out_dir, "replaced"))  # a failed run left the last good one
+    kept = os.listdir(replaced)  # not empty: a failed run left the last good one there
     for name in ours if not resume else []:
         if kept:
             os.remove(os.path.join(out_dir, name))
         else:
-            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, "replaced", name))
+            os.replace(os.path.join(out_dir, name), os.path.join(replaced, name))
 
 
 def _new_figure(width=5.0, height=4.5, columns=1):
-    """A matplotlib Figure on an Agg (PNG) canvas, no pyplot global state, and its Axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """A matplotlib Figure (no pyplot global state; savefig picks the PNG canvas) and its Axes."""
     from matplotlib.figure import Figure
     figure = Figure(figsize=(width, height), layout="tight")
-    FigureCanvasAgg(figure)
     return figure, figure.subplots(1, columns)
 
 
 def plot_reliability(y_true, probs_before, probs_after, path):
     """Accuracy per confidence bin, ECE in the legend; before and after side by side if given."""
-    sets = [("model", probs_before)] if probs_after is None else \
-        [("before calibration", probs_before), ("after calibration", probs_after)]
-    bar_width = 1 / ECE_BINS / len(sets)
+    sets = [("model", probs_before)] if probs_after is None else [
+        ("before calibration", probs_before), ("after calibration", probs_after)]
+    width = 1 / ECE_BINS / len(sets)  # of a bar
     figure, axes = _new_figure()
     for i, (label, probs) in enumerate(sets):
-        _, bin_accuracy, _ = calibration_bins(y_true, probs)
-        ece = expected_calibration_error(y_true, probs)
-        axes.bar(np.arange(ECE_BINS) / ECE_BINS + i * bar_width, np.nan_to_num(bin_accuracy),
-                 bar_width, align="edge", edgecolor="black", label=f"{label} (ECE {ece:.4f})")
+        bin_accuracy = np.nan_to_num(calibration_bins(y_true, probs)[1])  # 0 for an empty bin
+        label += f" (ECE {expected_calibration_error(y_true, probs):.4f})"
+        axes.bar(np.arange(ECE_BINS) / ECE_BINS + i * width, bin_accuracy, width, align="edge",
+                 edgecolor="black", label=label)
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
     axes.set(xlabel="Confidence (top-1 probability)", ylabel="Accuracy", xlim=(0, 1),
              ylim=(0, 1), title="Reliability diagram")
@@ -461,9 +419,7 @@ def plot_reliability(y_true, probs_before, probs_after, path):
 
 def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, class_names,
                      header):
-    """Write metrics.json, predictions.csv (test: path,label,pred,p_<class>...), report.txt (header,
-    then the paper's table), confusion_matrix.png, reliability.png, and curves.png when history
-    (dicts: epoch, {train,select}_{loss,accuracy}) is not empty."""
+    """metrics.json, predictions.csv, report.txt (header + the paper's table) and the figures."""
     y_test, test_probs = np.asarray(y_test, dtype=int), np.asarray(test_probs, dtype=float)
     y_pred = test_probs.argmax(axis=1)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
@@ -471,16 +427,16 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
         writer = csv.writer(file)
         writer.writerow(["path", "label", "pred"] + [f"p_{name}" for name in class_names])
         for path, label, pred, probs in zip(test_paths, y_test, y_pred, test_probs, strict=True):
-            writer.writerow([path, class_names[label], class_names[pred]]
-                            + [f"{p:.6f}" for p in probs])
+            probs = [f"{p:.6f}" for p in probs]
+            writer.writerow([path, class_names[label], class_names[pred], *probs])
     with open(os.path.join(out_dir, "report.txt"), "w") as file:
         file.write(f"{header.rstrip()}\n\n{classification_report(y_test, y_pred, class_names)}\n")
     figure, axes = _new_figure()  # confusion matrix: rows = true, columns = predicted, counts
     counts = confusion_matrix(y_test, y_pred, len(class_names))
     axes.imshow(counts, cmap="Blues")
     for (true_class, pred_class), count in np.ndenumerate(counts):
-        axes.text(pred_class, true_class, str(count), ha="center", va="center",
-                  color="white" if count > counts.max() / 2 else "black")
+        color = "white" if count > counts.max() / 2 else "black"
+        axes.text(pred_class, true_class, str(count), ha="center", va="center", color=color)
     axes.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
     axes.set_yticks(range(len(class_names)), class_names)
     axes.set(xlabel="Predicted class", ylabel="True class",
@@ -489,10 +445,11 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
     plot_reliability(y_test, test_probs, None, os.path.join(out_dir, "reliability.png"))
     if history:  # loss and accuracy per epoch: training (augmented views) and selection split
         figure, panels = _new_figure(10, 4, columns=2)
+        epochs = [entry["epoch"] for entry in history]
         for key, label in (("train", "train (augmented views)"), ("select", "selection (view 0)")):
             for panel, metric in zip(panels, ("loss", "accuracy")):
-                panel.plot([entry["epoch"] for entry in history],
-                           [entry[f"{key}_{metric}"] for entry in history], marker="o", label=label)
+                values = [entry[f"{key}_{metric}"] for entry in history]
+                panel.plot(epochs, values, marker="o", label=label)
                 panel.set(xlabel="epoch", ylabel=metric)
                 panel.legend()
         figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
@@ -501,8 +458,7 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
 def read_predictions(path):
     """predictions.csv -> (paths, y_true, y_pred, probs (N, C), class names of the p_ columns)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: not found; a run folder needs the predictions.csv "
-                         "written by the training script")
+        raise SystemExit(f"error: {path}: not found; pass a run folder made by a training script")
     with open(path, newline="") as file:
         reader = csv.DictReader(file)
         header, rows = reader.fieldnames or [], list(reader)
@@ -517,90 +473,76 @@ def read_predictions(path):
         y_pred = np.array([class_index[row["pred"]] for row in rows], dtype=int)
         probs = np.array([[float(row["p_" + name]) for name in class_names] for row in rows])
     except (KeyError, ValueError) as error:
-        raise SystemExit(f"error: {path}: {error}: a label or pred not among the p_ columns' "
-                         f"classes {class_names}, or a p_ value not a number; rewrite the file")
+        raise SystemExit(f"error: {path}: bad label or probability ({error}); rewrite the file")
     return [row["path"] for row in rows], y_true, y_pred, probs.reshape(len(rows), -1), class_names
 
 
 # ---- compare two runs, summarise seeds ---------------------------------------------------------
 
 def compare_runs(run_a, run_b, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=SEED):
-    """Two runs on the same images (matched by path) -> JSON-ready dict: per run accuracy, macro-F1
-    (bootstrap CIs) and per-class F1; paired accuracy difference A - B (CI); McNemar's test."""
+    """Two runs on the same images (matched by path): metrics with bootstrap CIs, and McNemar."""
     paths_a, y_true, pred_a, _, classes = read_predictions(os.path.join(run_a, "predictions.csv"))
     paths_b, true_b, pred_b, _, classes_b = read_predictions(os.path.join(run_b, "predictions.csv"))
-    if classes != classes_b:
-        raise SystemExit(f"error: {run_a} has classes {classes} but {run_b} {classes_b}; compare "
-                         "runs of the same classes")
     if sorted(paths_a) != sorted(paths_b) or len(set(paths_a)) < len(paths_a):
         only_a, only_b = sorted(set(paths_a) - set(paths_b)), sorted(set(paths_b) - set(paths_a))
         raise SystemExit(f"error: {run_a} and {run_b} were evaluated on different images: "
                          f"{len(only_a)} path(s) only in A (e.g. {only_a[:3]}), {len(only_b)} only "
                          f"in B (e.g. {only_b[:3]}), or a repeated path; compare runs of one split")
     row_in_b = {path: row for row, path in enumerate(paths_b)}
-    order = [row_in_b[path] for path in paths_a]
-    pred_b = pred_b[order]
-    if np.any(true_b[order] != y_true):
-        raise SystemExit(f"error: {run_a} and {run_b} disagree on true labels; compare runs made "
-                         "on the same data")
+    order = [row_in_b[path] for path in paths_a]  # B's rows in A's order
+    true_b, pred_b = true_b[order], pred_b[order]
+    if classes_b != classes or np.any(true_b != y_true):
+        raise SystemExit(f"error: {run_a}, {run_b}: other classes or true labels; use one data set")
     options = {"method": method, "n_resamples": n_resamples, "seed": seed}
-    per_run = {}
+    result = {"run_a": run_a, "run_b": run_b, "n_images": len(y_true), "class_names": classes,
+              "ci_method": method, "n_resamples": n_resamples, "seed": seed,
+              "confidence_level": CONFIDENCE_LEVEL}
     for key, run, y_pred in (("a", run_a, pred_a), ("b", run_b, pred_b)):
         _, _, f1, support = precision_recall_f1(y_true, y_pred, len(classes))
-        per_run[key] = {"run": run, "accuracy": accuracy(y_true, y_pred),
-                        "accuracy_ci": accuracy_ci(y_pred == y_true, **options),
-                        "macro_f1": macro_average(f1, support),
-                        "macro_f1_ci": macro_f1_ci(y_true, y_pred, len(classes), **options),
-                        "per_class_f1": dict(zip(classes, f1))}
+        result[key] = {"run": run, "accuracy": accuracy(y_true, y_pred),
+                       "accuracy_ci": accuracy_ci(y_pred == y_true, **options),
+                       "macro_f1": macro_average(f1, support),
+                       "macro_f1_ci": macro_f1_ci(y_true, y_pred, len(classes), **options),
+                       "per_class_f1": dict(zip(classes, f1))}
     correct_a, correct_b = pred_a == y_true, pred_b == y_true
-    return _to_json({
-        "run_a": run_a, "run_b": run_b, "n_images": len(y_true), "class_names": classes,
-        "ci_method": method, "n_resamples": n_resamples, "seed": seed,
-        "confidence_level": CONFIDENCE_LEVEL, "a": per_run["a"], "b": per_run["b"],
-        "accuracy_difference": per_run["a"]["accuracy"] - per_run["b"]["accuracy"],
-        "accuracy_difference_ci": accuracy_difference_ci(correct_a, correct_b, **options),
-        **mcnemar(correct_a, correct_b)})
+    result["accuracy_difference"] = result["a"]["accuracy"] - result["b"]["accuracy"]
+    result["accuracy_difference_ci"] = accuracy_difference_ci(correct_a, correct_b, **options)
+    return _to_json(result | mcnemar(correct_a, correct_b))
 
 
-def _format_number(value, digits=4):
-    """Number with fixed decimals, or 'n/a' for None (an undefined metric)."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _number(value, bounds=None):
+    """A metric with 4 decimals ('n/a' for None: undefined), then its interval if given."""
+    text = "n/a" if value is None else f"{value:.4f}"
+    return text if bounds is None else f"{text} ({_number(bounds[0])}, {_number(bounds[1])})"
+
+
+def _markdown_table(header, rows):
+    """Lines of a markdown table: the header cells, then one line per row of cells."""
+    return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
 
 
 def format_comparison(result):
-    """The `compare` result as markdown: one row per run, then the paired statistics."""
-    def with_ci(value, bounds):
-        return f"{_format_number(value)} ({_format_number(bounds[0])}, {_format_number(bounds[1])})"
-    classes = result["class_names"]
-    f1_columns = " | ".join(f"F1 {name}" for name in classes)
-    lines = [f"Compared on {result['n_images']} images; {result['confidence_level']:.0%} CIs: "
-             f"{result['ci_method']} bootstrap, {result['n_resamples']} resamples, "
-             f"seed {result['seed']}.", "",
-             f"| run | accuracy (CI) | macro-F1 (CI) | {f1_columns} |",
-             "|---" * (3 + len(classes)) + "|"]
-    for key in ("a", "b"):
-        run = result[key]
-        f1s = " | ".join(_format_number(run["per_class_f1"][name]) for name in classes)
-        lines.append(f"| {key.upper()}: {run['run']} | "
-                     f"{with_ci(run['accuracy'], run['accuracy_ci'])} | "
-                     f"{with_ci(run['macro_f1'], run['macro_f1_ci'])} | {f1s} |")
-    difference = with_ci(result["accuracy_difference"], result["accuracy_difference_ci"])
-    lines += ["", "| paired, A vs B | value |", "|---|---|",
-              f"| accuracy A - B (CI) | {difference} |",
-              f"| both correct / only A / only B / both wrong | {result['both_correct']} / "
-              f"{result['only_a_correct']} / {result['only_b_correct']} / {result['both_wrong']} |",
-              f"| McNemar exact p (binomial, two-sided) | {result['mcnemar_exact_p']:.4g} |",
-              f"| McNemar chi2 (continuity-corrected), p | {result['mcnemar_chi2']:.4f}, "
-              f"{result['mcnemar_chi2_p']:.4g} |"]
-    return "\n".join(lines)
+    """The `compare` result as markdown: one column per run, then the paired statistics."""
+    runs = (result["a"], result["b"])
+    rows = [["accuracy (CI)", *(_number(run["accuracy"], run["accuracy_ci"]) for run in runs)],
+            ["macro-F1 (CI)", *(_number(run["macro_f1"], run["macro_f1_ci"]) for run in runs)]]
+    rows += [[f"F1 {name}", *(_number(run["per_class_f1"][name]) for run in runs)]
+             for name in result["class_names"]]
+    difference = _number(result["accuracy_difference"], result["accuracy_difference_ci"])
+    counts = " / ".join(str(result[key]) for key in
+                        ("both_correct", "only_a_correct", "only_b_correct", "both_wrong"))
+    return "\n".join([
+        f"{result['n_images']} images; {result['confidence_level']:.0%} CIs: {result['ci_method']} "
+        f"bootstrap, {result['n_resamples']} resamples, seed {result['seed']}.", "",
+        *_markdown_table(["", f"A: {runs[0]['run']}", f"B: {runs[1]['run']}"], rows), "",
+        f"accuracy A - B (CI): {difference}",
+        f"both correct / only A / only B / both wrong: {counts}",
+        f"McNemar: exact p {result['mcnemar_exact_p']:.4g} (binomial, two-sided); chi2 "
+        f"{result['mcnemar_chi2']:.4f} (continuity-corrected), p {result['mcnemar_chi2_p']:.4g}"])
 
 
 def summarize_runs(run_dirs, section="test"):
-    """Mean and sample std (ddof=1; None for one run) over runs of each number in metrics.json
-    [section] and f1_<class> -> {runs, section, n_runs, std_definition, metrics: {name: {mean,
-    std, values}}}."""
-    if not run_dirs:
-        raise SystemExit("error: summary: no run folders given; pass one folder per seed")
+    """Mean and sample std (ddof=1; None for one run) of each number in the runs' metrics.json."""
     values = {}  # metric name -> one value per run (null -> NaN)
     for run in run_dirs:
         metrics_path = os.path.join(run, "metrics.json")
@@ -617,24 +559,22 @@ def summarize_runs(run_dirs, section="test"):
             raise SystemExit(f"error: {metrics_path}: metrics {sorted(set(scalars) ^ set(values))} "
                              "are not in every run; summarise runs made by the same script")
         for name, value in scalars.items():
-            values.setdefault(name, []).append(math.nan if value is None else float(value))
-    summary = {name: {"mean": np.mean(run_values),
-                      "std": np.std(run_values, ddof=1) if len(run_values) > 1 else math.nan,
+            values.setdefault(name, []).append(np.nan if value is None else float(value))
+    metrics = {name: {"mean": np.mean(run_values),
+                      "std": np.std(run_values, ddof=1) if len(run_values) > 1 else np.nan,
                       "values": run_values} for name, run_values in values.items()}
     return _to_json({"runs": list(run_dirs), "section": section, "n_runs": len(run_dirs),
-                     "std_definition": "sample standard deviation over runs (ddof=1); "
-                                       "null for a single run", "metrics": summary})
+                     "std_definition": "sample std over runs (ddof=1); null for one run",
+                     "metrics": metrics})
 
 
 def format_summary(summary):
     """The `summary` result as markdown: metric | mean | std | per-run values."""
-    lines = [f"{summary['section']} metrics over {summary['n_runs']} runs: mean +- sample std "
-             "(ddof=1).", "", "| metric | mean | std | values |", "|---|---|---|---|"]
-    for name, metric in summary["metrics"].items():
-        values = ", ".join(_format_number(value) for value in metric["values"])
-        lines.append(f"| {name} | {_format_number(metric['mean'])} | "
-                     f"{_format_number(metric['std'])} | {values} |")
-    return "\n".join(lines)
+    rows = [[name, _number(metric["mean"]), _number(metric["std"]),
+             ", ".join(map(_number, metric["values"]))]
+            for name, metric in summary["metrics"].items()]
+    title = f"{summary['section']} metrics over {summary['n_runs']} runs: mean +- sample std."
+    return "\n".join([title, "", *_markdown_table(["metric", "mean", "std", "values"], rows)])
 
 
 def main(argv=None):
@@ -665,9 +605,8 @@ def main(argv=None):
         parents = [os.path.dirname(os.path.abspath(run)) for run in args.runs]
         json_path = args.json or os.path.join(os.path.commonpath(parents), "summary.json")
     print(text)
-    replaced = os.path.exists(json_path)
     write_json(result, json_path)
-    print(f"\nwrote {json_path}" + (" (replaced the existing file)" if replaced else ""))
+    print(f"\nwrote {json_path}")
     return result
 
 

@@ -341,14 +341,15 @@ def test_merge_keeps_one_image_per_group_of_cross_source_copies(tmp_path):
         data.main(["merge", first, "--out", out])
 
 
-def test_merge_of_kaggle_layouts_keeps_the_official_split(tmp_path):
+def test_merge_of_a_kaggle_layout_writes_class_folders(tmp_path):
     rng = np.random.default_rng(8)
     kaggle = str(tmp_path / "kaggle")
     save(synthetic_scan(rng)[0], f"{kaggle}/Training/glioma_tumor/a.jpg")
     save(synthetic_scan(rng)[0], f"{kaggle}/Testing/no_tumor/b.jpg")
     save(synthetic_scan(rng)[0], f"{kaggle}/Testing/.ipynb_checkpoints/b-checkpoint.jpg")
-    both = str(tmp_path / "both")
-    data.main(["merge", kaggle, "--out", both])
-    assert os.path.isfile(f"{both}/Training/glioma/a.jpg")
-    assert os.path.isfile(f"{both}/Testing/notumor/b.jpg")
-    assert len(read_manifest(both, kaggle)) == 2  # the hidden folder is ignored
+    merged = str(tmp_path / "merged")
+    data.main(["merge", kaggle, "--out", merged])
+    assert sorted(os.listdir(merged)) == ["glioma", "manifest.csv", "notumor"]
+    assert os.listdir(f"{merged}/glioma") == ["a.jpg"]
+    assert os.listdir(f"{merged}/notumor") == ["b.jpg"]
+    assert len(read_manifest(merged, kaggle)) == 2  # the hidden folder is ignored

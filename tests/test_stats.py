@@ -438,7 +438,8 @@ def test_compare_cli_matches_independent_computation(tmp_path, capsys):
     out = tmp_path / "cmp.json"
     stats.main(["compare", str(tmp_path / "run_a"), str(tmp_path / "run_b"), "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "| accuracy A - B (CI) |" in printed and str(out) in printed
+    assert "accuracy A - B (CI): 0.0700 (" in printed and str(out) in printed
+    assert "| accuracy (CI) | 0.9000 (" in printed and "| F1 glioma | " in printed
     result = json.loads(out.read_text())
     assert result["a"]["accuracy"] == pytest.approx(sk.accuracy_score(y_true, pred_a))
     assert result["b"]["accuracy"] == pytest.approx(sk.accuracy_score(y_true, pred_b))
