@@ -4,16 +4,10 @@
     python baselines.py --model resnet50 --data ./merged --train-from layer4   # CPU: cache the rest
     python baselines.py --demo --model densenet121                      # offline: synthetic data
 
-The paper's baselines (its split: ResNet-50 95.81 %, Xception 97.43 %, DenseNet-121 96.92 %),
-recipe not given, so CLIP's recipe with every layer trained, from timm's ImageNet weights:
-resnet50 = resnet50.tv2_in1k (torchvision's default, IMAGENET1K_V2), densenet121 =
-densenet121.tv_in1k (torchvision's IMAGENET1K_V1), xception = legacy_xception.tf_in1k (Chollet's
-Keras weights); any timm name works too. A fresh 4-class layer replaces the 1000-class one.
-`--train-from STAGE` freezes the stages before STAGE (BatchNorm statistics too) and caches
-their output: each step runs only the rest, which makes CPU training feasible.
-
-`python baselines.py --demo --model resnet50|densenet121|xception` (from scratch, 64 px synthetic
-images, 20 epochs, one thread of a busy 2-core CPU): 100 % test accuracy each, 335/228/278 s.
+The paper's baselines (its split: ResNet-50 95.81 %, Xception 97.43 %, DenseNet-121 96.92 %)
+have no recipe: CLIP's, every layer trained from timm's ImageNet weights (below), a fresh 4-class
+layer replacing the 1000-class one. `--demo` (from scratch, 64 px, 20 epochs, one thread of a busy
+2-core CPU): 100 % test accuracy; resnet50 in 335 s, densenet121 in 228 s, xception in 278 s.
 """
 import timm
 import torch
@@ -35,18 +29,17 @@ STAGE_CONTAINERS = {"features", "blocks", "stages"}  # opened, so that each stag
 # ---- model -------------------------------------------------------------------------------------
 
 class CNNClassifier(nn.Module):
-    """A timm classifier as a chain of stages: its modules before the head in forward order,
-    containers opened (ResNet's conv1 ... layer4, DenseNet's features.conv0 ... features.norm5).
-    The stages before `train_from` are the stem, frozen and cached; the rest and the head train."""
+    """A timm classifier as a chain of stages: its modules before the head, containers opened
+    (conv1 ... layer4, features.conv0 ... features.norm5). Those before `train_from`: the stem."""
 
-    def __init__(self, network, train_from, name, weights, image_size, class_names=data.CLASSES):
+    def __init__(self, network, train_from, name, weights, image_size):
         super().__init__()
         self.network, self.image_size = network, image_size  # timm's model, 4-class layer in place
-        self.class_names, self.n_classes = tuple(class_names), len(class_names)
+        self.class_names, self.n_classes = data.CLASSES, len(data.CLASSES)
         mean, std = network.pretrained_cfg["mean"], network.pretrained_cfg["std"]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-        stages = []
+        stages = []  # (name, module); plain lists: the stages are registered once, in network
         for child, module in network.named_children():
             if child in STAGE_CONTAINERS and isinstance(module, nn.Sequential):
                 stages += [(f"{child}.{n}", m) for n, m in module.named_children()]
@@ -57,10 +50,8 @@ class CNNClassifier(nn.Module):
             raise SystemExit(f"error: --train-from {train_from}: {name} has no such stage; its "
                              f"stages in forward order are {', '.join(names)}")
         n_frozen = names.index(train_from) if train_from else 0
-        # Plain lists, not ModuleLists: the stages are registered once, under self.network.
         self.frozen_stages, self.trainable_stages = stages[:n_frozen], stages[n_frozen:]
-        stem = nn.Sequential(*[stage for _, stage in self.frozen_stages])  # a view, unregistered
-        stem.requires_grad_(False)
+        stem = nn.Sequential(*[stage for _, stage in self.frozen_stages]).requires_grad_(False)
         self.cache_key = {"model": name, "weights": weights, "stem_stages": names[:n_frozen],
                           "image_size": image_size, "mean": list(mean), "std": list(std),
                           "architecture": repr(stem), "frozen_digest": clip_tumor.tensor_digest(
@@ -70,7 +61,7 @@ class CNNClassifier(nn.Module):
         """Frozen stages stay in eval mode (BatchNorm keeps its statistics): cached = full path."""
         super().train(mode)
         for _, stage in self.frozen_stages:
-            stage.train(False)
+            stage.eval()
         return self
 
     def stem(self, images):
@@ -93,30 +84,10 @@ class CNNClassifier(nn.Module):
         return self.network((images - self.mean) / self.std)
 
 
-def load_weights_file(network, path):
-    """A state dict file (.pth, .safetensors) into the network, all keys and shapes matching
-    (classifier aside: replaced anyway); returns the digest of the weights loaded."""
-    try:
-        theirs = timm.models.load_state_dict(path, weights_only=True)  # unwraps {"state_dict"}
-    except Exception as error:  # a text file, an image, a truncated download, ...
-        raise SystemExit(f"error: --pretrained {path}: not a readable weights file ({error!r:.120})"
-                         f"; pass default, none, a .safetensors file or a state dict saved with "
-                         f"torch.save(model.state_dict(), path)")
-    ours = network.state_dict()
-    classifier = network.pretrained_cfg["classifier"] + "."  # replaced anyway: not compared
-    theirs.update({k: v for k, v in ours.items() if k.startswith(classifier)})
-    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-    wrong_shape = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
-    if missing or unexpected or wrong_shape:
-        raise SystemExit(
-            f"error: --pretrained {path}: does not fit {type(network).__name__}: {len(missing)} "
-            f"missing key(s) {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-            f"{len(wrong_shape)} of another shape {wrong_shape[:3]}; pass this model's state dict")
-    network.load_state_dict(theirs)
-    return clip_tumor.tensor_digest(v for k, v in theirs.items() if not k.startswith(classifier))
-
-
 def build_model(args):
+    if args.trainable_blocks != clip_tumor.TRAINABLE_BLOCKS:  # the shared option is the ViTs'
+        raise SystemExit(f"error: --trainable-blocks {args.trainable_blocks}: a CNN has no "
+                         f"transformer blocks; choose what trains with --train-from STAGE")
     clip_tumor.set_seed(args.seed)  # from-scratch weights and the new 4-class layer depend on it
     pretrained = "none" if args.benchmark else args.pretrained  # benchmark: random weights
     name = PAPER_MODELS.get(args.model, args.model)
@@ -125,24 +96,36 @@ def build_model(args):
                          f"xception or a timm name (timm.list_pretrained(), e.g. resnet50.tv_in1k)")
     try:
         network = timm.create_model(name, pretrained=pretrained == "default")
-    except Exception as error:  # offline: one message saying where the weights are
-        if pretrained != "default":
-            raise
+    except OSError as error:  # offline (only a download reads a file here): where the weights are
         config = timm.models.get_pretrained_cfg(name)
         source = f"huggingface.co/{config.hf_hub_id}" if config.hf_hub_id else config.url
-        raise SystemExit(f"error: --model {args.model}: cannot download {name} ({error!r:.200});"
-                         f" offline? download the weights from {source} and pass --pretrained "
-                         f"FILE, or --pretrained none")
+        raise SystemExit(f"error: --model {args.model}: cannot download {name} ({error!r:.200}); "
+                         f"offline? pass --pretrained FILE (from {source}) or --pretrained none")
     config = network.pretrained_cfg
     weights = "none" if pretrained == "none" else f"{config['architecture']}.{config['tag']}"
-    if pretrained not in ("default", "none"):  # a local file
-        weights = f"file:{load_weights_file(network, pretrained)[:16]}"
+    if pretrained not in ("default", "none"):  # a state dict file: all keys and shapes must fit
+        try:
+            theirs = timm.models.load_state_dict(pretrained)  # unwraps {"state_dict": ...}
+        except Exception as error:  # a text file, an image, a truncated download, ...
+            raise SystemExit(f"error: --pretrained {pretrained}: not a readable weights file "
+                             f"({error!r:.120}); pass a state dict file (torch.save, .safetensors)")
+        ours, classifier = network.state_dict(), config["classifier"] + "."
+        theirs.update({k: v for k, v in ours.items() if k.startswith(classifier)})  # reset below
+        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        wrong_shape = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
+        if missing or unexpected or wrong_shape:
+            raise SystemExit(f"error: --pretrained {pretrained}: does not fit "
+                             f"{type(network).__name__}: {len(missing)} missing key(s) "
+                             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                             f"{len(wrong_shape)} of another shape {wrong_shape[:3]}; pass this "
+                             f"model's state dict")
+        network.load_state_dict(theirs)
+        weights = f"file:{data.file_hash(pretrained)[:16]}"  # the file's SHA-1
     network.reset_classifier(len(data.CLASSES))  # a fresh 4-class layer (seeded above)
 
     model = CNNClassifier(network, args.train_from, args.model, weights, args.image_size)
     if model.frozen_stages:  # the stages must chain to the library's own forward: check once
-        probe = torch.rand(2, 3, args.image_size, args.image_size,
-                           generator=torch.Generator().manual_seed(0))
+        probe = torch.rand(2, 3, args.image_size, args.image_size, generator=torch.Generator())
         with torch.no_grad():  # in eval mode: BatchNorm uses its running statistics in both
             chained, library = model.eval().top(model.stem(probe)), model(probe)
         if not torch.allclose(chained, library, rtol=1e-4, atol=1e-4):
@@ -160,10 +143,9 @@ def main(argv=None):
     parser = clip_tumor.make_parser(__doc__)
     parser.add_argument("--model", default=MODEL,
                         help="the paper's resnet50, densenet121 or xception, or any timm model")
-    parser.add_argument("--pretrained", default=PRETRAINED,
-                        help="default (ImageNet), a local state-dict file, or none (from scratch)")
-    parser.add_argument("--train-from", metavar="STAGE", help="freeze and cache the stages "
-                        "before STAGE (e.g. layer4); default: train every layer (the paper)")
+    parser.add_argument("--pretrained", default=PRETRAINED, help="default, none, or a file")
+    parser.add_argument("--train-from", metavar="STAGE", help="freeze (BatchNorm statistics too) "
+                        "and cache the stages before STAGE; default: every layer trains (paper)")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input size (paper 224)")
     args = clip_tumor.parse_args(parser, argv, pretrained="none", image_size=64, epochs=10)
     return clip_tumor.run(args, build_model, "cnn")

@@ -107,29 +107,22 @@ class CLIPClassifier(nn.Module):
         super().__init__()
         self.visual = visual = clip_model.visual  # the text tower is used below, then dropped
         self.trunk = getattr(visual, "trunk", None)  # timm's VisionTransformer, or None
-        if self.trunk is not None and getattr(self.trunk, "global_pool", "") == "token" \
-                and not getattr(self.trunk, "reg_token", None) is not None:
-            blocks = self.trunk.blocks
-            embedding = [self.trunk.cls_token, self.trunk.pos_embed, self.trunk.patch_embed,
-                         self.trunk.norm_pre]
-            post = [self.trunk.norm, self.trunk.fc_norm, visual.head]  # norm, projection
-        elif hasattr(visual, "conv1") and getattr(visual, "attn_pool", None) is None and \
-                getattr(visual, "pool_type", "tok") == "tok":
-            blocks = visual.transformer.resblocks
-            embedding = [visual.class_embedding, visual.positional_embedding, visual.conv1,
-                         visual.ln_pre]
-            post = [visual.ln_post, visual.proj]
+        if self.trunk is not None and getattr(self.trunk, "global_pool", "") == "token":
+            blocks, post = self.trunk.blocks, [self.trunk.norm, self.trunk.fc_norm, visual.head]
+        elif hasattr(visual, "conv1") and getattr(visual, "pool_type", "tok") == "tok" \
+                and getattr(visual, "attn_pool", None) is None:
+            blocks, post = visual.transformer.resblocks, [visual.ln_post, visual.proj]
         else:
             raise SystemExit(f"error: --model {name}: only ViTs that classify from a CLS token "
                              f"are supported (open_clip's ViT-B-16, ..., or a timm ViT tower)")
         assert isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity), \
             f"{name}: patch dropout is on; the cached path would differ from the full forward"
-        clip_model.requires_grad_(False)  # the text tower and the stem stay frozen
         if not 0 <= trainable_blocks <= len(blocks):
             raise SystemExit(f"error: --trainable-blocks {trainable_blocks}: 0 to {len(blocks)}")
         split = len(blocks) - trainable_blocks
         self.stem_blocks, self.top_blocks = blocks[:split], blocks[split:]
-        for part in [*self.top_blocks, *post]:  # trainable: the top blocks, final norm, projection
+        clip_model.requires_grad_(False)  # trainable: the top blocks, final norm and projection
+        for part in [*self.top_blocks, *post]:
             part.requires_grad_(True)
         self.class_names, self.n_classes = tuple(class_names), len(class_names)
         with torch.no_grad():  # prompts are encoded once and kept fixed
@@ -137,8 +130,8 @@ class CLIPClassifier(nn.Module):
             text = F.normalize(clip_model.encode_text(prompts).float(), dim=-1)
         self.register_buffer("class_prompts", text)                      # (C, E)
         cfg = __import__("open_clip").get_model_preprocess_cfg(clip_model)
-        size = visual.image_size
-        self.image_size = size[0] if isinstance(size, (tuple, list)) else size
+        self.image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) \
+            else visual.image_size
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1))
         self.head_type = head
@@ -153,12 +146,12 @@ class CLIPClassifier(nn.Module):
         elif head == "fusion":  # one score per (image, class prompt) pair
             self.head = nn.Sequential(nn.Linear(2 * text.shape[1], MLP_HIDDEN), nn.ReLU(),
                                       nn.Linear(MLP_HIDDEN, 1))
-        stem = embedding + list(self.stem_blocks)
+        # the stem's identity: the tower's printed architecture (activations included) and its
+        # frozen weights; the head is not in visual, so every head shares one cache
         self.cache_key = {"model": name, "weights": weights, "stem_blocks": split,
                           "image_size": self.image_size, "mean": cfg["mean"], "std": cfg["std"],
-                          "architecture": repr(stem), "frozen_digest": tensor_digest(
-                              [p for part in stem for p in (part.parameters() if isinstance(
-                                  part, nn.Module) else [part])])}
+                          "architecture": repr(visual), "frozen_digest": tensor_digest(
+                              p for p in visual.parameters() if not p.requires_grad)}
 
     def embed(self, images):
         """Pixels in [0, 1] -> patch + CLS tokens with positions, as the tower's forward does."""
@@ -529,12 +522,11 @@ def check_arguments(args):
         if not ok]
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
-    device = args.device if args.device != "auto" else \
-        "cuda" if torch.cuda.is_available() else "cpu"
-    if device.split(":")[0] not in ("cpu", "cuda") or \
-            device.startswith("cuda") and not torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    device = args.device if args.device != "auto" else "cuda" if gpu else "cpu"
+    if device != "cpu" and not (device.split(":")[0] == "cuda" and gpu):
         raise SystemExit(f"error: --device {args.device}: use auto, cpu or cuda (this machine "
-                         f"has {'a' if torch.cuda.is_available() else 'no'} CUDA GPU)")
+                         f"has {'a' if gpu else 'no'} CUDA GPU)")
     return torch.device(device)
 
 
@@ -784,13 +776,6 @@ def parse_args(parser, argv=None, **demo_model_defaults):
     return args
 
 
-def write_tiny_config(folder):
-    path = os.path.join(folder, "clip-tiny.json")
-    with open(path, "w") as f:
-        json.dump(TINY_CONFIG, f)
-    return path
-
-
 def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--model", default=MODEL,
@@ -801,7 +786,8 @@ def main(argv=None):
                         default="cosine", help="cosine: scale x cosine(image, prompts) (paper's "
                         "method); mlp: 768->512->4 on CLS (paper's code); linear: 768->4; "
                         "fusion: MLP on [image, prompt] pairs")
-    args = parse_args(parser, argv, model=write_tiny_config, pretrained="none")
+    args = parse_args(parser, argv, pretrained="none", model=lambda folder: stats.write_json(
+        TINY_CONFIG, os.path.join(folder, "clip-tiny.json")))
     return run(args, build_model, "clip")
 
 

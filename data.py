@@ -75,18 +75,19 @@ def normalise_class_name(name):
 
 def official_split_folders(root):
     """(Training folder, Testing folder) as named on disk when root has both, else None."""
-    found = {SPLIT_FOLDERS[f.lower()]: f for f in os.listdir(root) if f.lower() in SPLIT_FOLDERS
-             and os.path.isdir(os.path.join(root, f))}
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: {root}: no such folder; pass the dataset's folder")
+    found = {SPLIT_FOLDERS[f.lower()]: f for f in os.listdir(root)
+             if f.lower() in SPLIT_FOLDERS and os.path.isdir(os.path.join(root, f))}
     return (found["train"], found["test"]) if len(found) == 2 else None
 
 
 def class_folder_files(root, also_allowed=()):
-    """[(class folder, image files, other files)] under root; files at any depth, sorted, hidden
-    ones (.ipynb_checkpoints/) skipped. Unknown folders are refused, except also_allowed."""
+    """[(class folder, image files, other files)] under root, at any depth, hidden ones skipped."""
     folders = sorted(f for f in os.listdir(root) if os.path.isdir(os.path.join(root, f))
                      and not f.startswith(".") and f != "__MACOSX")
-    if not folders or any(not normalise_class_name(f) and f.lower() not in also_allowed
-                          for f in folders):
+    unknown = [f for f in folders if not normalise_class_name(f) and f.lower() not in also_allowed]
+    if unknown or not folders:
         raise SystemExit(f"error: {root}: found {', '.join(f + '/' for f in folders) or 'nothing'}"
                          f"; need class folders {'/ '.join(CLASSES)}/ (or no_tumor/, no/, ...), "
                          f"or Training/ and Testing/ holding them")
@@ -101,19 +102,17 @@ def class_folder_files(root, also_allowed=()):
 
 def find_images(data_dir, part=""):
     """(samples sorted by path, non-image files) under data_dir/part/<class>/."""
-    if not os.path.isdir(data_dir):
-        raise SystemExit(f"error: {data_dir}: no such folder; pass --data with the dataset folder")
     relative = lambda path: os.path.relpath(path, data_dir).replace(os.sep, "/")
     samples, non_images = [], []
     for folder, images, others in class_folder_files(os.path.join(data_dir, part)):
-        samples += [Sample(relative(path), CLASSES.index(normalise_class_name(folder)))
-                    for path in images]
+        label = CLASSES.index(normalise_class_name(folder))
+        samples += [Sample(relative(path), label) for path in images]
         non_images += [relative(path) for path in others]
     return sorted(samples, key=lambda s: s.path), non_images
 
 
 def stratified_split(samples, fraction, seed):
-    """Split samples into (rest, part) with round(fraction * n_c) of each class c in part."""
+    """(rest, part): round(fraction * n_c) of each class c, drawn by seed, go to part."""
     rng = np.random.default_rng(seed)
     rest, part = [], []
     for label in range(len(CLASSES)):
@@ -136,27 +135,21 @@ def read_csv_rows(path, columns):
         yield from enumerate(reader, start=2)
 
 
-def read_split_csv(path, data_dir):
-    """A split CSV (columns path,label,split; split in train/val/test) -> Splits."""
-    parts = {"train": [], "val": [], "test": []}
-    for line, row in read_csv_rows(path, "path,label,split"):
-        label = normalise_class_name(row["label"])
-        if label is None or row["split"] not in parts:
-            raise SystemExit(f"error: {path}:{line}: label {row['label']!r}, split "
-                             f"{row['split']!r}; need a class {CLASSES}, train/val/test")
-        if not os.path.isfile(os.path.join(data_dir, row["path"])):
-            raise SystemExit(f"error: {path}:{line}: {row['path']} not found under {data_dir}; "
-                             f"paths in a split CSV are relative to --data")
-        parts[row["split"]].append(Sample(row["path"], CLASSES.index(label)))
-    return Splits(parts["train"], parts["val"], parts["test"], f"split CSV {path}", [])
-
-
 def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
-    """Train/val/test samples for --data DIR (layouts: see the module docstring). A class with
-    no image in train or test is refused: its figures could not stand beside the paper's."""
-    official = os.path.isdir(data_dir) and official_split_folders(data_dir)
-    if split_csv:
-        splits = read_split_csv(split_csv, data_dir)
+    """Train/val/test samples of --data DIR; a class without train or test images is refused."""
+    official = official_split_folders(data_dir)
+    if split_csv:  # columns path,label,split; paths relative to data_dir
+        parts = {"train": [], "val": [], "test": []}
+        for line, row in read_csv_rows(split_csv, "path,label,split"):
+            label = normalise_class_name(row["label"])
+            if label is None or row["split"] not in parts:
+                raise SystemExit(f"error: {split_csv}:{line}: label {row['label']!r}, split "
+                                 f"{row['split']!r}; need a class {CLASSES}, train/val/test")
+            if not os.path.isfile(os.path.join(data_dir, row["path"])):
+                raise SystemExit(f"error: {split_csv}:{line}: {row['path']} not found under "
+                                 f"{data_dir}; paths in a split CSV are relative to --data")
+            parts[row["split"]].append(Sample(row["path"], CLASSES.index(label)))
+        splits = Splits(parts["train"], parts["val"], parts["test"], f"split CSV {split_csv}", [])
     elif official:
         (train, non_train), (test, non_test) = (find_images(data_dir, f) for f in official)
         splits = Splits(train, [], test, "official", non_train + non_test)
@@ -166,18 +159,20 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
         splits = Splits(train, [], test, f"seeded 80/20 (seed {seed})", non_images)
     for k, part in enumerate(("train", "test")):
         samples = getattr(splits, part)
-        missing = [name for label, name in enumerate(CLASSES) if label not in
-                   {s.label for s in samples}]
+        labels = {s.label for s in samples}
+        missing = [name for label, name in enumerate(CLASSES) if label not in labels]
         if missing:  # name the folder the class's images should be in
             where = split_csv or os.path.join(data_dir, official[k] if official else "", missing[0])
             raise SystemExit(f"error: {where}: no {missing[0]} image in the {part} split "
-                             f"({len(samples)} images in all); every class needs train and "
-                             f"test images: add them")
+                             f"({len(samples)} images in all); every class needs train and test "
+                             f"images: add them")
     if not split_csv:
         splits.train, splits.val = stratified_split(splits.train, val_fraction, seed)
     if val_fraction > 0 and not splits.val:
+        fix = "add val rows to the CSV" if split_csv else "raise --val-fraction"
         raise SystemExit(f"error: {split_csv or data_dir}: empty validation split (--val-fraction "
-                         f"{val_fraction}, {len(splits.train)} training images); raise it, or 0")
+                         f"{val_fraction}, {len(splits.train)} training images); {fix}, or pass "
+                         f"--select-on test to train without a validation split")
     return splits
 
 
@@ -232,61 +227,68 @@ def image_view(image, content_hash, view, image_size):
 # ---- synthetic MRI-like data -------------------------------------------------------------------
 
 def synth_image(label, rng, size=96):
-    """(grey 'brain' ellipse, lesion box (x0, y0, x1, y1) or None). glioma: large ring-enhancing
-    lesion in a hemisphere; meningioma: bright round mass at the edge; pituitary: small blob."""
+    """(grey MRI-like image of the class, its lesion's box (x0, y0, x1, y1), None for notumor)."""
     image = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(image)
     cx, cy = size * rng.uniform(0.46, 0.54), size * rng.uniform(0.46, 0.54)
     rx, ry = size * rng.uniform(0.33, 0.40), size * rng.uniform(0.38, 0.44)
-    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=int(rng.uniform(90, 130)))
+    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=int(rng.uniform(90, 130)))  # brain
     draw.ellipse([cx - rx * 0.35, cy - ry * 0.2, cx + rx * 0.35, cy + ry * 0.2],
                  fill=int(rng.uniform(50, 70)))  # ventricles
-    name, lesion = CLASSES[label], None
-    if name == "glioma":
+    name, box = CLASSES[label], None
+    if name == "glioma":  # large, ring-enhancing, in one hemisphere
         r = size * rng.uniform(0.12, 0.16)
         x = cx + rng.choice([-1, 1]) * rx * rng.uniform(0.35, 0.5)
         y = cy + ry * rng.uniform(-0.4, 0.1)
-        lesion = [x - r, y - r * 1.2, x + r, y + r * 1.2]
-        draw.ellipse(lesion, fill=int(rng.uniform(200, 240)))
+        box = [x - r, y - r * 1.2, x + r, y + r * 1.2]
+        draw.ellipse(box, fill=int(rng.uniform(200, 240)))
         draw.ellipse([x - r * 0.55, y - r * 0.65, x + r * 0.55, y + r * 0.65], fill=30)
-    elif name == "meningioma":
+    elif name == "meningioma":  # a bright round mass at the edge
         r = size * rng.uniform(0.08, 0.11)
         angle = rng.uniform(-2.6, -0.5) if rng.uniform() < 0.5 else rng.uniform(0.5, 2.6)
         x, y = cx + (rx - r * 0.6) * math.sin(angle), cy - (ry - r * 0.6) * math.cos(angle)
-        lesion = [x - r, y - r, x + r, y + r]
-        draw.ellipse(lesion, fill=int(rng.uniform(220, 255)))
-    elif name == "pituitary":
+        box = [x - r, y - r, x + r, y + r]
+        draw.ellipse(box, fill=int(rng.uniform(220, 255)))
+    elif name == "pituitary":  # a small blob below the centre
         r = size * rng.uniform(0.045, 0.065)
         x, y = cx + rng.uniform(-2, 2), cy + ry * rng.uniform(0.45, 0.6)
-        lesion = [x - r, y - r, x + r, y + r]
-        draw.ellipse(lesion, fill=int(rng.uniform(220, 255)))
+        box = [x - r, y - r, x + r, y + r]
+        draw.ellipse(box, fill=int(rng.uniform(220, 255)))
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.2)))
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size, size))
-    box = lesion and (max(0, math.floor(lesion[0])), max(0, math.floor(lesion[1])),
-                      min(size, math.ceil(lesion[2])), min(size, math.ceil(lesion[3])))
+    if box:  # whole pixels around the ellipse, inside the image
+        box = (max(0, math.floor(box[0])), max(0, math.floor(box[1])),
+               min(size, math.ceil(box[2])), min(size, math.ceil(box[3])))
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), box
 
 
 def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
-    """Kaggle layout, per_class training and max(per_class // 4, 5) test images per class, and
-    lesions.csv (path,x0,y0,x1,y1: each tumour's box in pixels, x1 and y1 exclusive). Written to
-    out_dir.partial, then renamed: a killed writer never leaves a half dataset."""
+    """Kaggle layout (per_class training, max(per_class // 4, 5) test images per class) and
+    lesions.csv (path,x0,y0,x1,y1; x1, y1 exclusive), written to out_dir.partial<pid> and renamed
+    when complete. A killed writer's .partial<pid> stays (never read; delete it)."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"error: {out_dir}: folder is not empty; choose a new --out")
-    partial = os.path.normpath(out_dir) + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left by a killed writer
+    partial = f"{os.path.normpath(out_dir)}.partial{os.getpid()}"  # one per writer
+    shutil.rmtree(partial, ignore_errors=True)  # ours, from an interrupted call
     rng = np.random.default_rng(seed)
     boxes = [("path", "x0", "y0", "x1", "y1")]
     for split, count in (("Training", per_class), ("Testing", max(per_class // 4, 5))):
         for label, name in enumerate(CLASSES):
             os.makedirs(os.path.join(partial, split, name))
             for i in range(count):
+                path = f"{split}/{name}/{name}_{i:04d}.jpg"
                 image, box = synth_image(label, rng, size)
-                image.save(os.path.join(partial, split, name, f"{name}_{i:04d}.jpg"), quality=95)
-                boxes += [(f"{split}/{name}/{name}_{i:04d}.jpg", *box)] if box else []
+                image.save(os.path.join(partial, path), quality=95)
+                if box:
+                    boxes.append((path, *box))
     with open(os.path.join(partial, "lesions.csv"), "w", newline="") as f:
         csv.writer(f).writerows(boxes)
-    os.replace(partial, out_dir)  # one rename (it replaces an empty out_dir)
+    try:
+        os.replace(partial, out_dir)  # one rename (it replaces an empty out_dir)
+    except OSError:  # out_dir filled meanwhile: by another writer if it holds lesions.csv
+        shutil.rmtree(partial)
+        if not os.path.isfile(os.path.join(out_dir, "lesions.csv")):
+            raise SystemExit(f"error: {out_dir}: folder is not empty; choose a new --out")
     return out_dir
 
 
@@ -319,10 +321,13 @@ SIMILAR_THRESHOLD = 0.50    # score in [0.50, 0.90): alike, probably a neighbour
 SIGNATURE_CACHE = "leak_signatures.npz"   # pixel hashes and signatures, keyed by file SHA-1
 SIGNATURE_SETTINGS = f"thumb {THUMB_SIZE}, LCN sigma {LCN_SIGMA} floor {LCN_FLOOR}, float16"
 PAIR_COLUMNS = ("a_path", "b_path", "a_label", "b_label", "transform", "score", "kind")
-# T with T(a) ~ b in find_pairs' order: the 4 mirrors of a, then of a.T (flip_lr of a.T is
-# the clockwise quarter turn rot270, as np.rot90(a, 3); flip_ud of a.T is rot90)
+MANIFEST_COLUMNS = ("dest_path", "source_path", "source_dataset", "label", "status", "copy_of",
+                    "how")
+# T with T(a) ~ b: the 4 mirrors (MIRROR_DIMS: flipped dimensions) of a, then of a.T (flip_lr
+# of a.T is the clockwise quarter turn rot270, as np.rot90(a, 3); flip_ud of a.T is rot90)
 D4_NAMES = ("identity", "flip_lr", "flip_ud", "rot180", "transpose", "rot270", "rot90",
             "anti_transpose")
+MIRROR_DIMS = ((), (-1,), (-2,), (-2, -1))
 
 
 def area_resize(grey, size):
@@ -355,17 +360,18 @@ def lcn_signatures(thumbnails):
 
 
 def load_signatures(data_dir, paths, cache_dir=None):
-    """(pixel hashes, (N, 64, 64) float32 signatures) of data_dir/<path> for each path, cached
-    in cache_dir by file SHA-1 as float16 (scores move < 1e-4); only new files are decoded. An
-    undecodable file matches nothing (hash "undecodable:...", zero signature)."""
-    keys = [file_hash(os.path.join(data_dir, p)) for p in paths]
-    cache_file, cached = os.path.join(cache_dir or "", SIGNATURE_CACHE), {}
+    """(pixel hashes, (N, 64, 64) signatures) of data_dir/<path>, cached by file SHA-1 as float16
+    (scores move < 1e-4). An undecodable file gets hash "undecodable:<SHA-1>", zero signature."""
+    keys = [file_hash(os.path.join(data_dir, path)) for path in paths]
+    cache_file = os.path.join(cache_dir or "", SIGNATURE_CACHE)
+    cached = {}  # file SHA-1 -> (pixel hash, float16 signature)
     if cache_dir and os.path.exists(cache_file):
         try:  # the zip's CRC-32s catch flipped bytes, strict=True arrays of unequal length
             with np.load(cache_file) as stored:
-                assert str(stored["settings"]) == SIGNATURE_SETTINGS, "other settings"
-                cached = dict(zip(stored["keys"].tolist(), zip(stored["hashes"].tolist(),
-                                                               stored["signatures"]), strict=True))
+                if str(stored["settings"]) != SIGNATURE_SETTINGS:
+                    raise ValueError(f"made with {stored['settings']}")
+                entries = zip(stored["hashes"].tolist(), stored["signatures"], strict=True)
+                cached = dict(zip(stored["keys"].tolist(), entries, strict=True))
         except Exception as error:
             print(f"{cache_file}: damaged or stale ({type(error).__name__}: {error}); rebuilding")
     missing = {key: path for key, path in zip(keys, paths) if key not in cached}
@@ -384,35 +390,16 @@ def load_signatures(data_dir, paths, cache_dir=None):
         signatures = torch.cat([lcn_signatures(thumbs[k:k + 1024]).half()
                                 for k in range(0, len(thumbs), 1024)])
         cached.update(zip(missing, zip(hashes, signatures.numpy())))
-    if cache_dir and missing:
-        os.makedirs(cache_dir, exist_ok=True)
-        temporary = f"{cache_file}.{os.getpid()}.tmp.npz"
-        hashes, signatures = zip(*cached.values())
-        np.savez(temporary, settings=SIGNATURE_SETTINGS, keys=list(cached), hashes=hashes,
-                 signatures=np.stack(signatures))
-        os.replace(temporary, cache_file)  # readers never see half a file
+        if cache_dir:  # written whole to a temporary file, then renamed: never half a file
+            os.makedirs(cache_dir, exist_ok=True)
+            temporary = f"{cache_file}.{os.getpid()}.tmp.npz"
+            entry_hashes, entry_signatures = zip(*cached.values())
+            np.savez(temporary, settings=SIGNATURE_SETTINGS, keys=list(cached),
+                     hashes=entry_hashes, signatures=np.stack(entry_signatures))
+            os.replace(temporary, cache_file)
     signatures = np.array([cached[key][1] for key in keys], np.float16)
-    return [cached[key][0] for key in keys], \
-        torch.from_numpy(signatures).float().reshape(-1, THUMB_SIZE, THUMB_SIZE)
-
-
-def mirror_parts(signatures):
-    """(N, S, S) -> (4, N, S*S/4): the parts of each signature that are even or odd under the
-    left-right and up-down mirrors, each given by its top-left quadrant (scaled: products stay).
-    A mirror keeps or negates each part, so <mirror(a), b> is a signed sum of the 4 part
-    products (MIRROR_SIGNS): the 4 mirrors cost one full-size product instead of four."""
-    half = signatures.shape[-1] // 2
-    top_left, top_right = signatures[:, :half, :half], signatures[:, :half, half:].flip(-1)
-    bottom_left = signatures[:, half:, :half].flip(-2)
-    bottom_right = signatures[:, half:, half:].flip(-2, -1)
-    # lr, ud: the part's parity under the left-right and up-down mirrors (+1 even, -1 odd)
-    parts = [top_left + lr * top_right + ud * bottom_left + lr * ud * bottom_right
-             for lr, ud in ((1, 1), (-1, 1), (1, -1), (-1, -1))]
-    return torch.stack([part.flatten(1) / 2 for part in parts])
-
-
-# row: the sign of each part in <T(a), b> for T = identity, flip_lr, flip_ud, rot180
-MIRROR_SIGNS = torch.tensor([[1., 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]])
+    signatures = torch.from_numpy(signatures).float().reshape(-1, THUMB_SIZE, THUMB_SIZE)
+    return [cached[key][0] for key in keys], signatures
 
 
 def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD, rows=512):
@@ -420,14 +407,14 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
     threshold (without b: i < j within a) and for identical decoded pixels (hashes: of a, then
     b). kind: exact, transformed or similar (score < COPY_THRESHOLD); transform in D4_NAMES."""
     within, n_a = signatures_b is None, len(signatures_a)
-    b_parts = mirror_parts(signatures_a if within else signatures_b)   # (4, M, S*S/4)
-    a_parts = mirror_parts(signatures_a), mirror_parts(signatures_a.transpose(1, 2))
+    b = (signatures_a if within else signatures_b).flatten(1)              # (M, S*S)
     found = {}
-    for start in range(0, n_a, rows):
+    for start in range(0, n_a, rows):  # rows of a at a time: scores take 8 x rows x M floats
         first = start if within else 0  # within one set only j >= start can have j > i
-        products = torch.stack([parts[:, start:start + rows] @ b_parts[:, first:].transpose(1, 2)
-                                for parts in a_parts])                 # (2, 4, c, M - first)
-        scores = torch.einsum("tp,spcm->stcm", MIRROR_SIGNS, products).flatten(0, 1)  # (8, c, .)
+        chunk = signatures_a[start:start + rows]                            # (c, S, S)
+        transformed = torch.stack([x.flip(dims) for x in (chunk, chunk.transpose(1, 2))
+                                   for dims in MIRROR_DIMS])                # (8, c, S, S)
+        scores = transformed.flatten(2) @ b[first:].T                       # (8, c, M - first)
         best, transform = scores.max(0)
         keep = best >= threshold
         if within:  # only j > i: not the diagonal, nor a pair counted from the other side
@@ -446,55 +433,54 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
 
 
 def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None):
-    """The test paths with an exact or transformed copy in train_paths, for any split: test
-    signatures are compared with training ones directly, from cache_dir's signatures once they
-    exist (2-5 s for Kaggle's 7,019 images on 2 CPU cores). The rest is the leak-free test set."""
+    """The test paths with an exact or transformed copy in train_paths, for any split (the rest is
+    the leak-free test set); 5 s for Kaggle's official split on 2 CPU cores once cached."""
     train_paths, test_paths = list(train_paths), list(test_paths)
     hashes, signatures = load_signatures(data_dir, test_paths + train_paths, cache_dir)
     pairs = find_pairs(hashes, signatures[:len(test_paths)], signatures[len(test_paths):])
     return {test_paths[i] for i, _ in pairs}
 
 
-# ---- audit, leak-free split --------------------------------------------------------------------
+# ---- audit, leak-free split, merge -------------------------------------------------------------
 
 def audit_images(data_dir):
     """[(path, class name, split folder or "")] of every image under --data DIR."""
-    parts = official_split_folders(data_dir) if os.path.isdir(data_dir) else None
-    return [(s.path, CLASSES[s.label], part) for part in parts or [""]
-            for s in find_images(data_dir, part)[0]]
+    images = []
+    for part in official_split_folders(data_dir) or [""]:
+        images += [(s.path, CLASSES[s.label], part) for s in find_images(data_dir, part)[0]]
+    return images
 
 
 def run_audit(data_dir, out_dir, cache_dir=None):
-    """`data.py audit`: out_dir/pairs.csv, every exact/transformed/similar pair, and summary.json,
-    the official test images with a copy in training (by test_paths_with_train_copy)."""
+    """`data.py audit`: out_dir/pairs.csv (every exact, transformed or similar pair) and
+    summary.json (images per split; per class, the test images with a copy in training)."""
     images, cache_dir = audit_images(data_dir), cache_dir or out_dir
     hashes, signatures = load_signatures(data_dir, [path for path, _, _ in images], cache_dir)
+    pairs = find_pairs(hashes, signatures, threshold=SIMILAR_THRESHOLD)
     rows = [(images[i][0], images[j][0], images[i][1], images[j][1], transform, score, kind)
-            for (i, j), (kind, transform, score) in sorted(find_pairs(
-                hashes, signatures, threshold=SIMILAR_THRESHOLD).items())]
+            for (i, j), (kind, transform, score) in sorted(pairs.items())]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pairs.csv"), "w", newline="") as f:
         csv.writer(f).writerows([PAIR_COLUMNS] + rows)
-    parts = [part for _, _, part in images]
-    summary = {"data": os.path.abspath(data_dir), "images": {p or "all": parts.count(p)
-                                                             for p in sorted(set(parts))}}
-    if len(summary["images"]) == 2:  # Training/ and Testing/
-        train_part, test_part = official_split_folders(data_dir)
-        test = [(path, label) for path, label, part in images if part == test_part]
-        copied = test_paths_with_train_copy(data_dir, [p for p, _, part in images
-                                                       if part == train_part],
-                                            [p for p, _ in test], cache_dir)
-        summary["test_with_train_copy"] = {name: {
-            "test_images": sum(name in ("all", label) for _, label in test),
-            "with_copy": sum(name in ("all", label) and path in copied for path, label in test)}
-            for name in ("all",) + CLASSES}
+    parts = [part or "all" for _, _, part in images]
+    summary = {"data": os.path.abspath(data_dir),
+               "images": {part: parts.count(part) for part in sorted(set(parts))}}
+    official = official_split_folders(data_dir)
+    if official:  # a pair (i, j) has i < j: the training image first
+        copied = {j for (i, j), (kind, _, _) in pairs.items() if kind != "similar"
+                  and (images[i][2], images[j][2]) == official}
+        test = [k for k, (_, _, part) in enumerate(images) if part == official[1]]
+        summary["test_with_train_copy"] = {}
+        for name in ("all",) + CLASSES:
+            members = [k for k in test if name in ("all", images[k][1])]
+            summary["test_with_train_copy"][name] = {
+                "test_images": len(members), "with_copy": len(copied.intersection(members))}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     kinds = [row[-1] for row in rows]
     counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("exact", "transformed", "similar"))
     print(f"{len(rows)} pairs ({counts}) in {out_dir}/pairs.csv; {out_dir}/summary.json:\n"
           f"{json.dumps(summary, indent=1)}")
-    return summary
 
 
 def assign_groups_to_parts(group_labels, group_sizes, fractions, seed):
@@ -512,87 +498,82 @@ def assign_groups_to_parts(group_labels, group_sizes, fractions, seed):
     return part_of_group
 
 
-def make_split(data_dir, seed, leak_free=True, cache_dir=None):
-    """(rows (path, label, train/val/test), group of each image): a stratified 80/10/10 split;
+def write_split(data_dir, out_csv, seed, leak_free, cache_dir=None):
+    """`data.py split`: out_csv (path,label,split), a stratified 80/10/10 split of every image;
     leak_free: copies (exact, transformed) form one group, and whole groups go to one part."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     images = audit_images(data_dir)
-    links = np.zeros((0, 2), np.int64)
+    links = np.zeros((0, 2), np.int64)  # (pairs, 2): the images of each pair of copies
     if leak_free:
         hashes, signatures = load_signatures(data_dir, [path for path, _, _ in images], cache_dir)
         links = np.array(list(find_pairs(hashes, signatures)), np.int64).reshape(-1, 2)
     graph = coo_matrix((np.ones(len(links)), links.T), shape=(len(images), len(images)))
-    group_of = connected_components(graph, directed=False)[1]
-    counts = np.zeros((group_of.max() + 1, len(CLASSES)), int)  # (groups, classes)
+    n_groups, group_of = connected_components(graph, directed=False)
+    counts = np.zeros((n_groups, len(CLASSES)), int)  # (groups, classes)
     np.add.at(counts, (group_of, [CLASSES.index(label) for _, label, _ in images]), 1)
     # majority label of each group, ties to the first class in CLASSES order
     part_of_group = assign_groups_to_parts(counts.argmax(1).tolist(), counts.sum(1).tolist(),
                                            (0.8, 0.1, 0.1), seed)
-    return [(path, label, ("train", "val", "test")[part_of_group[group_of[k]]])
-            for k, (path, label, _) in enumerate(images)], group_of
+    parts = [("train", "val", "test")[part_of_group[group]] for group in group_of]
+    os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
+    with open(out_csv, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "split")] + [
+            (path, label, part) for (path, label, _), part in zip(images, parts)])
+    print(f"wrote {out_csv}: {len(images)} images in {n_groups} groups, "
+          f"{'leak-free' if leak_free else 'plain'} split (seed {seed})")
 
-
-# ---- merging datasets --------------------------------------------------------------------------
 
 def merge_datasets(sources, out_dir):
-    """`data.py merge` into out_dir/<class>/: an image with an exact or transformed copy (the
-    audit's matcher) in an earlier source is dropped; copies within one source stay (a leak-free
-    split keeps them together). manifest.csv says for each file: copied, dropped (copy_of: the
-    kept file; how: exact, resized/re-encoded or the D4 transform; "label conflict" when filed
-    under another class) or skipped: why."""
+    """`data.py merge` into out_dir/<class>/: an image with an exact or transformed copy in an
+    earlier source is dropped (copies within one source stay: `split --leak-free` groups them);
+    manifest.csv says for each file copied, dropped (copy_of, how) or skipped: why."""
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise SystemExit(f"error: {out_dir}: exists and is not an empty folder; choose a new --out")
-    items = []  # (source name, file, label, skip reason), sources in order, Training first
+    items = []  # (source name, file, label or None, skip reason), sources in order
     for number, source in enumerate(sources, start=1):
-        if not os.path.isdir(source):
-            raise SystemExit(f"error: {source}: no such folder; a merge source is a dataset folder")
         name = f"{number}-{os.path.basename(os.path.normpath(source))}"  # unique, e.g. 2-br35h
         for part in official_split_folders(source) or [""]:
-            for class_folder, images, _ in class_folder_files(os.path.join(source, part),
-                                                              UNLABELLED_FOLDERS):
-                label = normalise_class_name(class_folder)
-                items += [(name, path, label, UNLABELLED_FOLDERS.get(class_folder.lower()))
-                          for path in images]
+            root = os.path.join(source, part)
+            for folder, images, _ in class_folder_files(root, UNLABELLED_FOLDERS):
+                label, reason = normalise_class_name(folder), UNLABELLED_FOLDERS.get(folder.lower())
+                items += [(name, path, label, reason) for path in images]
     labelled = [k for k, item in enumerate(items) if item[2]]
     hashes, signatures = load_signatures("", [items[k][1] for k in labelled])
-    hash_of = dict(zip(labelled, hashes))
-    best = {}  # item -> (rank, -original, how) of its best copy in an earlier source
-    for (i, j), (kind, transform, score) in find_pairs(hashes, signatures).items():
-        i, j = labelled[i], labelled[j]  # i < j: i is from the same or an earlier source
-        if items[i][0] != items[j][0]:  # copies within one source stay
-            how = "exact" if kind == "exact" else \
-                transform.replace("identity", "resized/re-encoded")
-            best[j] = max(best.get(j, (-1,)), (2 if kind == "exact" else score, -i, how))
-    manifest, kept = [], {}  # kept: item -> its path in out_dir, or the path of its kept copy
+    undecodable = {k for k, h in zip(labelled, hashes) if h.startswith("undecodable")}
+    original = {}  # dropped item -> (the item it copies, how)
+    pairs = find_pairs(hashes, signatures)  # the strongest copy first: exact, then by score
+    for (i, j), (kind, transform, _) in sorted(
+            pairs.items(), key=lambda pair: (pair[1][0] != "exact", -pair[1][2], pair[0])):
+        i, j = labelled[i], labelled[j]  # i < j: i is in the same or an earlier source
+        if items[i][0] != items[j][0] and j not in original:  # copies within one source stay
+            how = transform.replace("identity", "resized/re-encoded")
+            original[j] = (i, "exact" if kind == "exact" else how)
+    rows, kept = [], {}  # kept: item -> its path in out_dir, or the path of its kept copy
     for k, (name, path, label, reason) in enumerate(items):
-        row = {"dest_path": "", "source_path": path, "source_dataset": name, "label": label or "",
-               "status": f"skipped: {reason}", "copy_of": "", "how": ""}
-        if hash_of.get(k, "").startswith("undecodable"):
-            row["status"] = "skipped: cannot decode image"
-        elif k in best:
-            original = -best[k][1]
-            kept[k] = kept[original]
-            conflict = " (label conflict)" if items[original][2] != label else ""
-            row.update(status=f"dropped{conflict}", copy_of=kept[k], how=best[k][2])
+        dest, status, copy_of, how = "", f"skipped: {reason}", "", ""
+        if k in undecodable:
+            status = "skipped: cannot decode image"
+        elif k in original:
+            i, how = original[k]
+            kept[k] = copy_of = kept[i]
+            status = "dropped (label conflict)" if items[i][2] != label else "dropped"
         elif label:
             dest = f"{label}/{os.path.basename(path)}"
             while os.path.exists(os.path.join(out_dir, dest)):  # name taken: prefix the source
                 dest = f"{label}/{name}_{os.path.basename(dest)}"
             os.makedirs(os.path.join(out_dir, label), exist_ok=True)
             shutil.copyfile(path, os.path.join(out_dir, dest))
-            kept[k] = dest
-            row.update(dest_path=dest, status="copied")
-        manifest.append(row)
+            kept[k], status = dest, "copied"
+        rows.append((dest, path, name, label or "", status, copy_of, how))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "manifest.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([list(manifest[0])] + [list(row.values()) for row in manifest])
-    status = [row["status"].split(" ")[0] for row in manifest]
-    conflicts = sum(row["status"].endswith("(label conflict)") for row in manifest)
+        csv.writer(f).writerows([MANIFEST_COLUMNS] + rows)
+    status = [row[4].split(" ")[0] for row in rows]
+    conflicts = sum(row[4].endswith("(label conflict)") for row in rows)
     print(f"wrote {out_dir}: {status.count('copied')} copied, {status.count('dropped')} dropped "
           f"as copies of an earlier source's image ({conflicts} filed under another class), "
           f"{status.count('skipped:')} skipped; see manifest.csv, split with `data.py split`")
-    return manifest
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -600,20 +581,19 @@ def merge_datasets(sources, out_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    dataset = argparse.ArgumentParser(add_help=False)  # the options audit and split share
+    dataset.add_argument("--data", required=True, help="dataset folder (Kaggle or class folders)")
+    dataset.add_argument("--cache", help="signature folder, reused by later calls (audit: --out)")
     synth = commands.add_parser("synth", help="write a small synthetic MRI-like dataset")
     synth.add_argument("--out", required=True, help="new folder to write (Kaggle layout)")
     synth.add_argument("--per-class", type=int, default=60, help="training images per class")
     synth.add_argument("--seed", type=int, default=0, help="random seed of the generator")
-    audit = commands.add_parser("audit", help="find copies of images within and across splits")
-    audit.add_argument("--data", required=True, help="dataset folder (Kaggle or class folders)")
+    audit = commands.add_parser("audit", parents=[dataset], help="find copies among the images")
     audit.add_argument("--out", required=True, help="folder for pairs.csv and summary.json")
-    audit.add_argument("--cache", help="signature folder (default --out; a run's --cache-dir)")
-    split = commands.add_parser("split", help="write a stratified 80/10/10 split CSV for --split")
-    split.add_argument("--data", required=True, help="dataset folder (all its images are split)")
+    split = commands.add_parser("split", parents=[dataset], help="write an 80/10/10 split CSV")
     split.add_argument("--out", required=True, help="CSV to write, columns path,label,split")
     split.add_argument("--leak-free", action="store_true", help="keep copies in one part")
     split.add_argument("--seed", type=int, default=42, help="seed of the split")
-    split.add_argument("--cache", help="folder for the image signatures, reused by later calls")
     merge = commands.add_parser("merge", help="merge datasets, one image per group of copies")
     merge.add_argument("sources", nargs="+", metavar="SRC", help="dataset folders, first wins")
     merge.add_argument("--out", required=True, help="new or empty folder to write")
@@ -624,13 +604,8 @@ def main(argv=None):
     elif args.command == "audit":
         run_audit(args.data, args.out, args.cache)
     elif args.command == "split":
-        rows, group_of = make_split(args.data, args.seed, args.leak_free, args.cache)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            csv.writer(f).writerows([("path", "label", "split")] + rows)
-        print(f"wrote {args.out}: {len(rows)} images in {group_of.max() + 1} groups, "
-              f"{'leak-free' if args.leak_free else 'plain'} split (seed {args.seed})")
-    elif args.command == "merge":
+        write_split(args.data, args.out, args.seed, args.leak_free, args.cache)
+    else:
         merge_datasets(args.sources, args.out)
 
 

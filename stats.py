@@ -306,9 +306,9 @@ def accuracy_difference_ci(correct_a, correct_b, **bootstrap_options):
 # ---- explanation maps against known lesions ----------------------------------------------------
 
 def pointing_game(heatmaps, boxes, brain_masks, tolerance=POINTING_TOLERANCE):
-    """(hit rate, chance) of (H, W) maps with brain masks and lesion boxes (x0, y0, x1, y1), pixels,
-    ends inclusive. Hit: the map's first (row-major) maximum is in the box grown by tolerance;
-    chance: the mean share of brain pixels in that box, the hit rate of a random brain point."""
+    """(hit rate, chance) of maps (H, W) at their images' pixels, with brain masks and lesion boxes
+    (x0, y0, x1, y1), ends inclusive. Hit: the map's first (row-major) maximum is in the box grown
+    by tolerance. chance: the share of brain pixels in that box, a random brain point's hit rate."""
     hits, chances = [], []
     for heatmap, (x0, y0, x1, y1), brain in zip(heatmaps, boxes, brain_masks, strict=True):
         heatmap, brain = np.asarray(heatmap), np.asarray(brain, dtype=bool)
@@ -352,8 +352,9 @@ def atomic_write(path, write, mode="wb"):
 
 
 def write_json(obj, path):
-    """Strict JSON (NaN/inf -> null), written atomically."""
+    """Strict JSON (NaN/inf -> null), written atomically; returns path."""
     atomic_write(path, lambda f: json.dump(_to_json(obj), f, indent=2, allow_nan=False), "w")
+    return path
 
 
 # What a run writes: --overwrite may replace these, and nothing else in the run folder.
@@ -573,7 +574,7 @@ def format_summary(summary):
     rows = [[name, _number(metric["mean"]), _number(metric["std"]),
              ", ".join(map(_number, metric["values"]))]
             for name, metric in summary["metrics"].items()]
-    title = f"{summary['section']} metrics over {summary['n_runs']} runs: mean +- sample std."
+    title = f"{summary['section']} metrics, {summary['n_runs']} runs: mean +- sample std (ddof=1)."
     return "\n".join([title, "", *_markdown_table(["metric", "mean", "std", "values"], rows)])
 
 

@@ -5,7 +5,8 @@ made the ways the Kaggle release and its sources make them (byte copy, PNG of th
 mirror, rotation, transpose, gamma/linear contrast, JPEG re-encoding, resizing); a
 "neighbouring slice" shares the head outline and half of the texture. What is pinned down:
 - the audit finds each copy with its kind and D4 transform, and nothing between independent
-  scans; the fast 8-transform score equals the plain one; area_resize is an exact area average;
+  scans; find_pairs' 8-transform score and transform name match products of independently
+  rotated signatures; area_resize is an exact area average;
 - test_paths_with_train_copy returns exactly the test images with a copy in train, on the
   official layout and on a seeded 80/20 split of class folders, from the cache alone once it
   exists; a truncated or corrupted signature cache is reported and rebuilt, same answer;
@@ -165,7 +166,7 @@ def test_scores_are_invariant_to_flips_and_intensity_and_separate_neighbours():
     assert pairs[0, 1][2] < data.SIMILAR_THRESHOLD                         # stranger: nothing
 
 
-def test_fast_d4_scores_equal_the_eight_plain_products():
+def test_d4_scores_and_names_equal_those_of_independent_rotations():
     rng = np.random.default_rng(1)
     signatures = data.lcn_signatures(rng.integers(0, 255, (7, 64, 64)).astype(np.uint8))
     transforms = {"identity": lambda x: x, "flip_lr": lambda x: x.flip(-1),
@@ -263,7 +264,7 @@ def test_leak_free_split_keeps_groups_together_and_is_stratified(leaky_dir, tmp_
     for test_path, (train_path, kind, _) in expected.items():
         if kind != "similar":
             assert part[test_path] == part[train_path], test_path
-    splits = data.read_split_csv(out, root)  # the training scripts' reader accepts it
+    splits = data.load_splits(root, 0, split_csv=out)  # the training scripts' reader accepts it
     counts = {name: [sum(s.label == c for s in getattr(splits, name)) for c in range(4)]
               for name in ("train", "val", "test")}
     for c in range(4):  # 9-13 images per class: each part within one group of its target

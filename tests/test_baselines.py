@@ -8,8 +8,9 @@ From-scratch weights only: nothing is downloaded.
   (1e-5): the timm weights named in the README are torchvision's, in the same architecture.
 - Frozen BatchNorm statistics do not change in training; full fine-tuning trains everything and
   caches nothing; the cache key names the stem (stages, weights).
-- Clear errors: an unknown stage (listing the stages) or model, a weights file of another
-  architecture, a file that is not weights at all (text, JPEG), an offline download.
+- Clear errors: an unknown stage (listing the stages) or model, --trainable-blocks (the ViTs'
+  option) other than its default, a weights file of another architecture, a file that is not
+  weights at all (text, JPEG), an offline download.
 - Runs (timm's 0.4 M-parameter test_resnet): `--demo --out X --epochs 5 ...` uses every option
   given, learns the synthetic set (>= 0.9, full fine-tuning) and writes X/ with epochs 5 in
   metrics.json; a --train-from run killed after epoch 1 resumes to the same result.
@@ -32,9 +33,11 @@ import clip_tumor
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
-def small_model(name="resnet18", train_from=None, size=64, seed=0, pretrained="none"):
+def small_model(name="resnet18", train_from=None, size=64, seed=0, pretrained="none",
+                trainable_blocks=clip_tumor.TRAINABLE_BLOCKS):
     args = argparse.Namespace(model=name, pretrained=pretrained, image_size=size, seed=seed,
-                              train_from=train_from, benchmark=False, no_cache=False)
+                              train_from=train_from, benchmark=False, no_cache=False,
+                              trainable_blocks=trainable_blocks)
     return baselines.build_model(args), args
 
 
@@ -154,6 +157,11 @@ def test_cache_key_names_the_stem():
 def test_unknown_stage_and_unknown_model_are_clear():
     with pytest.raises(SystemExit, match="layer1, layer2, layer3, layer4$"):
         small_model("resnet18", "layer5")
+    for blocks in (0, 4):  # the shared ViT option is refused, not ignored; its default passes
+        with pytest.raises(SystemExit, match=f"--trainable-blocks {blocks}: .*--train-from STAGE"):
+            small_model("resnet18", trainable_blocks=blocks)
+    with pytest.raises(SystemExit, match="--trainable-blocks 0: .*--train-from STAGE"):
+        baselines.main(["--benchmark", "--model", "resnet18", "--trainable-blocks", "0"])
     with pytest.raises(SystemExit, match="--model no_such_net: unknown"):
         small_model("no_such_net")
     with pytest.raises(SystemExit, match="--model resnet50.no_such_tag: unknown"):

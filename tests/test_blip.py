@@ -10,7 +10,7 @@ right ones, the ITM head trains, and training works (a tiny random BLIP; no down
   attention dropout is refused (the exactness assumption, an assert).
 - Weights: BlipModel's checkpoint and one without vision_proj are refused, naming the missing
   weights, for the heads that read them; an offline download and a missing folder give one
-  clear message.
+  clear message. --trainable-blocks outside 0..depth is refused.
 - Runs: the tiny model learns the synthetic set (>= 0.9) and writes the run folder; an itm run
   killed after epoch 1 resumes to the same result; --epochs 0 keeps itm and turns mlp to cosine.
 """
@@ -183,6 +183,9 @@ def test_trainable_blocks_zero_is_a_probe_on_frozen_features(tiny_blip_weights):
     with torch.no_grad():
         assert torch.allclose(model.top(model.stem(images)), model(images), atol=1e-5)
     assert len(model.stem_layers) == 4 and model.cache_key["stem_blocks"] == 4
+    for blocks in (-1, 5):  # the tiny tower has 4 blocks: refused, not sliced
+        with pytest.raises(SystemExit, match=f"--trainable-blocks {blocks}: 0 to 4"):
+            tiny_model(tiny_blip_weights, trainable_blocks=blocks)
 
 
 def test_refuses_newly_initialised_weights(tmp_path, tiny_blip_weights):
@@ -219,16 +222,16 @@ def test_unavailable_weights_give_one_clear_message(monkeypatch, tmp_path):
     not_weights.mkdir()
     (not_weights / "config.json").write_text("not json")
     with pytest.raises(SystemExit, match="cannot load BLIP .*; pass a folder written by"):
-        blip_tumor.load_blip(str(not_weights), "cosine")
+        tiny_model(str(not_weights))
     with pytest.raises(SystemExit, match="cannot load BLIP .*; pass a folder written by"):
-        blip_tumor.load_blip("./not-here", "cosine")
+        tiny_model("./not-here")
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(BlipForImageTextRetrieval, "from_pretrained", offline)
     with pytest.raises(SystemExit, match="hf download Salesforce/blip-itm-base-coco"):
-        blip_tumor.load_blip(blip_tumor.WEIGHTS, "cosine")
+        tiny_model(blip_tumor.WEIGHTS)
 
 
 def test_training_learns_synthetic_set_and_writes_run_folder(tiny_blip_weights, synth_dir,

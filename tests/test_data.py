@@ -4,15 +4,18 @@ What each test pins down:
 - class-folder aliases (`no_tumor/`, `glioma_tumor/`, `No Tumor/`) map to the four classes;
 - class folders get a seeded, stratified 80/20 split; Kaggle folders keep the official split;
 - refused with a message naming the folder: unknown folders, a class with no image in train or
-  test (empty or missing folder), an empty validation split, a bad split CSV or lesion CSV;
+  test (empty or missing folder), an empty validation split (the fix offered is one the training
+  scripts accept), a bad split CSV or lesion CSV;
 - every PIL mode decodes to RGB (16-bit MRI stretched, not clipped); a broken file raises
   DecodeError naming it; views are deterministic per (content, view);
-- the synthetic writer is atomic (a killed writer leaves nothing; the rerun succeeds) and its
-  lesions.csv boxes hold the bright lesion.
+- the synthetic writer is atomic (a killed writer leaves nothing; the rerun succeeds), two
+  writers at once never delete each other's folder and the second keeps the first's dataset,
+  and its lesions.csv boxes hold the bright lesion.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_data.py
 """
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -105,10 +108,19 @@ def test_a_class_without_images_in_train_or_test_is_refused(tmp_path):
 
 def test_an_empty_validation_split_is_refused(tmp_path):
     root = kaggle_folder(tmp_path / "small", {})             # 3 training images per class
-    with pytest.raises(SystemExit, match=r"empty validation split \(--val-fraction 0.1"):
+    # the fixes offered are ones the training scripts accept (they refuse --val-fraction 0)
+    with pytest.raises(SystemExit, match=r"empty validation split \(--val-fraction 0.1, 12 "
+                       r"training images\); raise --val-fraction, or pass --select-on test"):
         data.load_splits(root, seed=0, val_fraction=0.1)
     assert data.load_splits(root, seed=0, val_fraction=0).val == []
     assert len(data.load_splits(root, seed=0, val_fraction=0.2).val) == 4
+    split_csv = tmp_path / "no_val.csv"                      # a split CSV without val rows
+    rows = [f"Training/{name}/{i}.png,{name},train" for name in data.CLASSES for i in range(3)]
+    rows += [f"Testing/{name}/0.png,{name},test" for name in data.CLASSES]
+    split_csv.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(SystemExit, match=r"no_val.csv: empty validation split .*; add val rows "
+                       r"to the CSV, or pass --select-on test"):
+        data.load_splits(root, seed=0, val_fraction=0.1, split_csv=str(split_csv))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "1", "LA"])
@@ -195,11 +207,46 @@ def test_synthetic_writer_killed_midway_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "synth_image", killed_after_ten)
     with pytest.raises(KeyboardInterrupt):
         data.write_synthetic_dataset(out, per_class=8)
-    assert not os.path.exists(out) and os.path.isdir(out + ".partial")  # stale, half written
+    partial = f"{out}.partial{os.getpid()}"                   # this writer's own folder
+    assert not os.path.exists(out) and os.path.isdir(partial)  # stale, half written
     monkeypatch.setattr(data, "synth_image", real_synth_image)
     data.write_synthetic_dataset(out, per_class=8)
-    assert not os.path.exists(out + ".partial")
+    assert not os.path.exists(partial)
     assert sum(len(files) for _, _, files in os.walk(out)) == 4 * (8 + 5) + 1  # + lesions.csv
+
+
+def test_two_synthetic_writers_at_once_keep_one_complete_dataset(tmp_path, monkeypatch):
+    """Two demos started together: neither deletes the other's half-written folder, and the one
+    that finishes second keeps the first one's dataset (and removes its own folder)."""
+    out = str(tmp_path / "demo")
+    other = tmp_path / "demo.partial999999"                   # another writer, still writing
+    other.mkdir()
+    (other / "half.jpg").write_bytes(b"half")
+    first = data.write_synthetic_dataset(str(tmp_path / "first"), per_class=4)
+    real_synth_image = data.synth_image
+
+    def other_writer_finishes(*args):
+        if not os.path.exists(out):  # its rename lands while this writer is midway
+            shutil.copytree(first, out)
+        return real_synth_image(*args)
+
+    monkeypatch.setattr(data, "synth_image", other_writer_finishes)
+    assert data.write_synthetic_dataset(out, per_class=8) == out
+    assert len(os.listdir(os.path.join(out, "Training", "glioma"))) == 4   # the first's data
+    assert sorted(os.listdir(tmp_path)) == ["demo", "demo.partial999999", "first"]
+    assert os.listdir(other) == ["half.jpg"]                 # left alone
+    shutil.rmtree(out)
+
+    def user_file_appears(*args):  # out filled meanwhile by something that is not a dataset
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "notes.txt"), "w").close()
+        return real_synth_image(*args)
+
+    monkeypatch.setattr(data, "synth_image", user_file_appears)
+    with pytest.raises(SystemExit, match="demo: folder is not empty; choose a new --out"):
+        data.write_synthetic_dataset(out, per_class=4)
+    assert os.listdir(out) == ["notes.txt"]
+    assert not os.path.exists(f"{out}.partial{os.getpid()}")
 
 
 def test_lesion_csv_errors_name_the_file_and_line(tmp_path):
