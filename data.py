@@ -292,19 +292,6 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
     return out_dir
 
 
-def read_lesion_boxes(csv_path):
-    """{image path: (x0, y0, x1, y1)} from a CSV path,x0,y0,x1,y1 like lesions.csv."""
-    boxes = {}
-    for line, row in read_csv_rows(csv_path, "path,x0,y0,x1,y1"):
-        box = [(row[k] or "").strip() for k in ("x0", "y0", "x1", "y1")]
-        if not all(v.isdigit() for v in box) or row["path"] in boxes or \
-                not (int(box[0]) < int(box[2]) and int(box[1]) < int(box[3])):
-            raise SystemExit(f"error: {csv_path}:{line}: box {box} of {row['path']}; need whole "
-                             f"pixels 0 <= x0 < x1, 0 <= y0 < y1, one row per image")
-        boxes[row["path"]] = tuple(int(v) for v in box)
-    return boxes
-
-
 # ---- finding copies: for audit, split --leak-free, merge, and every run's leak check ----------
 # Each image is decoded once to a 64 x 64 grey thumbnail (an exact area average of any size).
 # Its signature is a local contrast normalisation (LCN: minus a Gaussian local mean, over the

@@ -19,10 +19,6 @@ N_RESAMPLES = 2000         # bootstrap resamples per interval
 CONFIDENCE_LEVEL = 0.95    # two-sided level of every interval
 SEED = 0                   # seed of the bootstrap resampling (np.random.default_rng)
 ECE_BINS = 15              # equal-width confidence bins of the expected calibration error
-# Pointing game tolerance, 15 pixels as in Zhang et al. (2018, "Top-down neural attention by
-# excitation backprop"): a map made on 16-pixel patches and upsampled can peak about a patch off
-# the lesion. `chance` uses the same grown box, so the tolerance cannot flatter the comparison.
-POINTING_TOLERANCE = 15
 
 
 # ---- classification metrics from hard predictions ----------------------------------------------
@@ -301,26 +297,6 @@ def accuracy_difference_ci(correct_a, correct_b, **bootstrap_options):
     # sums of exact -1 / 0 / 1 values: equal resamples give bit-equal means, as BCa's bias needs
     differences = np.asarray(correct_a, dtype=float) - np.asarray(correct_b, dtype=float)
     return bootstrap_ci((differences,), np.mean, **bootstrap_options)
-
-
-# ---- explanation maps against known lesions ----------------------------------------------------
-
-def pointing_game(heatmaps, boxes, brain_masks, tolerance=POINTING_TOLERANCE):
-    """(hit rate, chance) of maps (H, W) at their images' pixels, with brain masks and lesion boxes
-    (x0, y0, x1, y1), ends inclusive. Hit: the map's first (row-major) maximum is in the box grown
-    by tolerance. chance: the share of brain pixels in that box, a random brain point's hit rate."""
-    hits, chances = [], []
-    for heatmap, (x0, y0, x1, y1), brain in zip(heatmaps, boxes, brain_masks, strict=True):
-        heatmap, brain = np.asarray(heatmap), np.asarray(brain, dtype=bool)
-        if heatmap.shape != brain.shape or not brain.any():
-            raise SystemExit(f"error: pointing game: map {heatmap.shape}, brain mask {brain.shape} "
-                             f"with {brain.sum()} pixels; resize maps to their image's mask")
-        rows, cols = np.indices(heatmap.shape)  # (H, W) each: pixel (y, x)
-        in_box = ((cols >= x0 - tolerance) & (cols <= x1 + tolerance)
-                  & (rows >= y0 - tolerance) & (rows <= y1 + tolerance))
-        hits.append(in_box[np.unravel_index(np.argmax(heatmap), heatmap.shape)])
-        chances.append(np.mean(in_box[brain]))
-    return float(np.mean(hits)), float(np.mean(chances))
 
 
 # ---- the run folder: metrics.json, predictions.csv, report.txt, figures ------------------------

@@ -11,8 +11,6 @@
   intervals identical to scipy with sklearn / per-image statistics;
 - calibration: a known temperature is recovered, validation NLL never rises (and is at least as
   low as a brute-force temperature scan), the tumour threshold matches a brute-force F1 scan;
-- pointing game on hand-made maps with known answers, and chance = the hit rate of every brain
-  pixel taken as the map's peak in turn;
 - the run folder (strict JSON, predictions.csv read back, report, figures) and the compare /
   summary command lines end to end on fake run folders.
 
@@ -625,47 +623,3 @@ def test_reliability_diagram_before_and_after(tmp_path):
     result = stats.calibrate(val_logits, val_y, test_logits, test_y, NAMES)
     stats.plot_reliability(test_y, softmax(test_logits), result["test_probs"], tmp_path / "r.png")
     assert imread(tmp_path / "r.png").ndim == 3
-
-
-# ----------------------------------------------------------------------------------------------
-# Pointing game
-
-def peak_map(row, col, size=10):
-    heatmap = np.zeros((size, size))
-    heatmap[row, col] = 1.0
-    return heatmap
-
-
-def test_pointing_game_hand_made_maps():
-    """10 x 10 images, the whole image is brain, lesion box x, y in 2..4 (9 pixels)."""
-    brain, box = np.ones((10, 10), dtype=bool), (2, 2, 4, 4)
-    maps = [peak_map(3, 3), peak_map(8, 8), peak_map(5, 5), peak_map(3, 1)]
-    assert stats.pointing_game(maps, [box] * 4, [brain] * 4, tolerance=0) == (0.25, 0.09)
-    # grown by 1: x, y in 1..5 (25 pixels): (5, 5) and (3, 1) now hit, (8, 8) still misses
-    assert stats.pointing_game(maps, [box] * 4, [brain] * 4, tolerance=1) == (0.75, 0.25)
-    # the box is (x0, y0, x1, y1): a peak at row 3, column 7 is inside x 6..8, y 2..4
-    assert stats.pointing_game([peak_map(3, 7)], [(6, 2, 8, 4)], [brain], tolerance=0)[0] == 1.0
-    assert stats.pointing_game([peak_map(7, 3)], [(6, 2, 8, 4)], [brain], tolerance=0)[0] == 0.0
-    # only the top half is brain (50 pixels); box rows 0..1, grown box clipped by the image
-    top_half = np.zeros((10, 10), dtype=bool)
-    top_half[:5] = True
-    assert stats.pointing_game([peak_map(0, 0)], [(0, 0, 9, 0)], [top_half], tolerance=1) == (
-        1.0, 0.4)
-    flat = np.zeros((10, 10))  # ties: the first pixel in row-major order, (0, 0), is the peak
-    assert stats.pointing_game([flat], [box], [brain], tolerance=2)[0] == 1.0
-    assert stats.pointing_game([flat], [box], [brain], tolerance=1)[0] == 0.0
-    assert stats.POINTING_TOLERANCE == 15
-
-
-def test_pointing_game_chance_is_the_hit_rate_of_a_random_brain_pixel():
-    """Every brain pixel taken as the map's peak once: the hit rate is then exactly the chance."""
-    rows, cols = np.indices((32, 32))
-    brain = (rows - 16) ** 2 / 14 ** 2 + (cols - 15) ** 2 / 11 ** 2 <= 1  # an ellipse
-    box = (18, 9, 23, 13)
-    maps = [peak_map(row, col, 32) for row, col in zip(*np.nonzero(brain))]
-    for tolerance in (0, 3, 15):
-        hit_rate, _ = stats.pointing_game(maps, [box] * len(maps), [brain] * len(maps), tolerance)
-        _, chance = stats.pointing_game(maps[:1], [box], [brain], tolerance)
-        assert hit_rate == pytest.approx(chance, abs=1e-12) and 0 < chance < 1
-    with pytest.raises(SystemExit, match=r"map \(10, 10\), brain mask \(32, 32\)"):
-        stats.pointing_game([peak_map(0, 0)], [box], [brain])
