@@ -6,8 +6,8 @@
 
 The paper's baselines (its split: ResNet-50 95.81 %, Xception 97.43 %, DenseNet-121 96.92 %)
 have no recipe: CLIP's, every layer trained from timm's ImageNet weights (below), a fresh 4-class
-layer replacing the 1000-class one. `--demo` (from scratch, 64 px, 20 epochs, one thread of a busy
-2-core CPU): 100 % test accuracy; resnet50 in 335 s, densenet121 in 228 s, xception in 278 s.
+layer replacing the 1000-class one. `--demo` (from scratch, 64 px, 10 epochs, one thread, 2-core
+CPU): 100 % test accuracy each; resnet50 in 139 s, densenet121 in 110 s, xception in 151 s.
 """
 import timm
 import torch

@@ -7,9 +7,9 @@
 clip_tumor.py's method on BLIP's ViT-B/16 (blip-itm-base-coco, its 384 px position table resized
 to 224 once): the last 2 blocks, post-LayerNorm and vision_proj train; logits = scale x BLIP's ITC
 cosine(image, prompts through the frozen text encoder). `--head mlp`: the paper's code (768->512->4
-on CLS); `--head itm`: its "cross-attention" (each prompt's ITM "match" logit). Quiet 2-core CPU,
-median of 3 `--benchmark` runs at 224: a cached step (block 12 for CLS only) costs 49 ms per
-image, the full network 226 ms. `--demo` (one thread, busy 2-core CPU): 93.3% test accuracy, 18 s.
+on CLS); `--head itm`: its "cross-attention" (each prompt's ITM "match" logit). `--benchmark` at
+224 on a 2-core CPU (one run, GEMM ~130 GFLOP/s): a cached step (block 12 for CLS only) 72.9 ms per
+image, the full network 348.8 ms (4.8x). `--demo` (one thread): 93.3% test accuracy in 20 s.
 """
 import os
 

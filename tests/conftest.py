@@ -41,3 +41,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_cached_path_equals_full_forward(model, images, labels, every_weight_used=False):
+    """model.top(model.stem(x)) gives model(x)'s logits and gradients (1e-4): the cache is exact."""
+    import torch
+    import torch.nn.functional as F
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def logits_and_grads(forward):
+        logits = forward()
+        grads = torch.autograd.grad(F.cross_entropy(logits, labels), params, allow_unused=True)
+        return logits.detach(), grads
+
+    full_logits, full_grads = logits_and_grads(lambda: model(images))
+    with torch.no_grad():
+        stored = model.stem(images)
+    cached_logits, cached_grads = logits_and_grads(lambda: model.top(stored))
+    assert torch.allclose(cached_logits, full_logits, atol=1e-4)
+    assert not every_weight_used or all(g is not None for g in full_grads)
+    for full, cached in zip(full_grads, cached_grads):
+        assert (full is None) == (cached is None)
+        assert full is None or torch.allclose(cached, full, atol=1e-4)
+    return stored
+
+
+def kill_after_first_checkpoint(monkeypatch, module):
+    """Make module.atomic_save raise KeyboardInterrupt right after the first checkpoint.pt, as if
+    the user pressed Ctrl-C after epoch 1."""
+    original, saves = module.atomic_save, []
+
+    def killed(obj, path):
+        original(obj, path)
+        if path.endswith("checkpoint.pt"):
+            saves.append(path)
+            if len(saves) == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "atomic_save", killed)

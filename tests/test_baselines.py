@@ -28,6 +28,7 @@ from PIL import Image
 
 import baselines
 import clip_tumor
+from conftest import kill_after_first_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
@@ -234,17 +235,7 @@ def test_resume_with_train_from_gives_same_result(synth_dir, tmp_path, monkeypat
     extra = ("--train-from", "layer3", "--epochs", "2", "--image-size", "32")
     whole = baselines.main(run_args(synth_dir, tmp_path, *extra, "--out", str(tmp_path / "a")))
     assert whole["cached"]
-    saves = []
-    original = clip_tumor.atomic_save
-
-    def killed_after_first_epoch(obj, path):
-        original(obj, path)
-        if path.endswith("checkpoint.pt"):
-            saves.append(path)
-            if len(saves) == 1:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(clip_tumor, "atomic_save", killed_after_first_epoch)
+    kill_after_first_checkpoint(monkeypatch, clip_tumor)
     with pytest.raises(KeyboardInterrupt):
         baselines.main(run_args(synth_dir, tmp_path, *extra, "--out", str(tmp_path / "b")))
     resumed = baselines.main(["--resume", str(tmp_path / "b")])

@@ -24,6 +24,7 @@ from transformers import BlipConfig, BlipForImageTextRetrieval, BlipModel
 
 import blip_tumor
 import clip_tumor
+from conftest import assert_cached_path_equals_full_forward, kill_after_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
@@ -92,21 +93,7 @@ def test_cached_path_gives_same_logits_and_gradients_as_full_forward(tiny_blip_w
     model.train()
     images = torch.rand(6, 3, 64, 64)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def logits_and_grads(forward):
-        logits = forward()
-        grads = torch.autograd.grad(F.cross_entropy(logits, labels), params, allow_unused=True)
-        return logits.detach(), grads
-
-    full_logits, full_grads = logits_and_grads(lambda: model(images))
-    with torch.no_grad():
-        tokens = model.stem(images)
-    cached_logits, cached_grads = logits_and_grads(lambda: model.top(tokens))
-    assert torch.allclose(cached_logits, full_logits, atol=1e-4)
-    assert all(g is not None for g in full_grads)  # every trainable weight is used
-    for g_full, g_cached in zip(full_grads, cached_grads):
-        assert torch.allclose(g_cached, g_full, atol=1e-4)
+    assert_cached_path_equals_full_forward(model, images, labels, every_weight_used=True)
 
 
 def test_trainable_parameters_per_head(tiny_blip_weights):
@@ -252,18 +239,10 @@ def test_itm_run_killed_after_epoch_1_resumes_to_the_same_result(tiny_blip_weigh
                                                                   tmp_path, monkeypatch):
     whole = blip_tumor.main(run_args(synth_dir, tiny_blip_weights, tmp_path, "--head", "itm",
                                      "--epochs", "2", "--out", str(tmp_path / "whole")))
-    original = clip_tumor.atomic_save
-
-    def killed_after_first_epoch(obj, path):
-        original(obj, path)
-        if path.endswith("checkpoint.pt"):
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1
-
-    monkeypatch.setattr(clip_tumor, "atomic_save", killed_after_first_epoch)
+    kill_after_first_checkpoint(monkeypatch, clip_tumor)
     with pytest.raises(KeyboardInterrupt):
         blip_tumor.main(run_args(synth_dir, tiny_blip_weights, tmp_path, "--head", "itm",
                                  "--epochs", "2", "--out", str(tmp_path / "split")))
-    monkeypatch.setattr(clip_tumor, "atomic_save", original)
     resumed = blip_tumor.main(["--resume", str(tmp_path / "split")])
     for part in ("train", "val", "test"):
         assert resumed[part]["accuracy"] == whole[part]["accuracy"]

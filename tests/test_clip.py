@@ -11,6 +11,7 @@
 - Losses (focal vs its formula and CE, hybrid, balanced weights vs sklearn), the LR schedule vs
   torch's CosineAnnealingWarmRestarts, out-of-range options named in one error.
 """
+import argparse
 import csv
 import json
 import os
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 import clip_tumor
 import data
-import argparse
+from conftest import assert_cached_path_equals_full_forward, kill_after_first_checkpoint
 
 
 def tiny_model(config, head="cosine", seed=0, trainable_blocks=2):
@@ -62,22 +63,7 @@ def test_cached_path_gives_same_logits_and_gradients_as_full_forward(tiny_clip_c
     model.train()
     images = torch.rand(6, 3, 64, 64)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def logits_and_grads(forward):
-        logits = forward()
-        grads = torch.autograd.grad(F.cross_entropy(logits, labels), params, allow_unused=True)
-        return logits.detach(), grads
-
-    full_logits, full_grads = logits_and_grads(lambda: model(images))
-    with torch.no_grad():
-        tokens = model.stem(images)
-    cached_logits, cached_grads = logits_and_grads(lambda: model.top(tokens))
-    assert torch.allclose(cached_logits, full_logits, atol=1e-4)
-    for g_full, g_cached in zip(full_grads, cached_grads):
-        assert (g_full is None) == (g_cached is None)
-        if g_full is not None:
-            assert torch.allclose(g_cached, g_full, atol=1e-4)
+    assert_cached_path_equals_full_forward(model, images, labels)
 
 
 def test_trainable_parameters_are_what_open_clip_unlocks(tiny_clip_config):
@@ -162,17 +148,7 @@ def test_resume_after_interruption_gives_same_result(tiny_clip_config, synth_dir
                                                      monkeypatch):
     whole = clip_tumor.main(run_args(synth_dir, tiny_clip_config, tmp_path, "--epochs", "3",
                                      "--out", str(tmp_path / "whole")))
-    saves = []
-    original = clip_tumor.atomic_save
-
-    def killed_after_first_epoch(obj, path):
-        original(obj, path)
-        if path.endswith("checkpoint.pt"):
-            saves.append(path)
-            if len(saves) == 1:
-                raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1
-
-    monkeypatch.setattr(clip_tumor, "atomic_save", killed_after_first_epoch)
+    kill_after_first_checkpoint(monkeypatch, clip_tumor)
     with pytest.raises(KeyboardInterrupt):
         clip_tumor.main(run_args(synth_dir, tiny_clip_config, tmp_path, "--epochs", "3",
                                  "--out", str(tmp_path / "split")))

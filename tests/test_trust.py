@@ -7,6 +7,7 @@
   user's files and a failed input check deletes nothing; a live run's folder is refused; the
   default run name carries head and loss; early messages for a bad seed, device, --out, weights.
 - Resume: a run killed before its first checkpoint, an interrupted --seeds folder, a longer --epochs.
+- Issue 12: a run on class folders counts the test images with a copy in training (any split).
 - Local OpenAI weights: the -quickgelu model is named.
 """
 import argparse
@@ -207,3 +208,33 @@ def test_resume_finishes_an_interrupted_seeds_run(small_dir, tiny_clip_config, t
     monkeypatch.setattr(clip_tumor, "run_one", original)
     summary = clip_tumor.main(["--resume", str(out)])
     assert summary["n_runs"] == 2 and (out / "seed4" / "metrics.json").exists()
+
+
+def test_class_folder_run_reports_copies_across_its_random_split(tiny_clip_config, tmp_path):
+    """Issue 12: on class folders (a seeded 80/20 split) the run counts the test images with a
+    mirrored or re-encoded copy in train/val and scores test_leak_free on exactly the others."""
+    from PIL import Image, ImageOps
+    kaggle = data.write_synthetic_dataset(str(tmp_path / "kaggle"), per_class=10, seed=5)
+    root, partner = tmp_path / "folders", {}
+    for name in data.CLASSES:  # class folders: the Training images, plus copies of four of them
+        (root / name).mkdir(parents=True)
+        for k, file in enumerate(sorted(os.listdir(os.path.join(kaggle, "Training", name)))):
+            image = Image.open(os.path.join(kaggle, "Training", name, file))
+            image.save(root / name / file)
+            if k < 4:
+                copy = ImageOps.mirror(image) if k % 2 else image.resize((64, 64))
+                copy.save(root / name / f"copy_{file}", quality=85)
+                partner[f"{name}/copy_{file}"] = f"{name}/{file}"
+                partner[f"{name}/{file}"] = f"{name}/copy_{file}"
+    out = tmp_path / "run"
+    metrics = run(str(root), tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(out))
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    test_paths = {row["path"] for row in rows}
+    leaky = {p for p in test_paths if p in partner and partner[p] not in test_paths}
+    assert metrics["n_test_with_train_copy"] == len(leaky) > 0
+    kept = [row for row in rows if row["path"] not in leaky]
+    assert metrics["test_leak_free"]["n"] == len(kept)
+    assert metrics["test_leak_free"]["accuracy"] == pytest.approx(
+        sum(row["label"] == row["pred"] for row in kept) / len(kept))
+    assert "have one" in (out / "report.txt").read_text()
