@@ -650,6 +650,7 @@ def run(args, build_model, script):
         epochs = args.epochs if args.epochs is not None else saved["epochs"]
         args = argparse.Namespace(**dict(saved, resume=args.resume, out=args.resume,
                                          epochs=epochs))
+        print(f"resuming {args.resume} with its own options ({epochs} epochs)")
     args.epochs = EPOCHS if args.epochs is None else args.epochs
     name = os.path.basename(os.path.normpath(getattr(args, "weights", None) or args.model))
     name = "-".join([script, name.removesuffix(".json")] +

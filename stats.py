@@ -351,6 +351,9 @@ def claim_run_folder(out_dir, overwrite, resume):
                              f"wait for it or choose another --out")
     except (FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
         pass
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:  # a killed run's temps
+        if name.split(".tmp")[0] in RUN_FILES and ".tmp" in name:
+            os.remove(os.path.join(out_dir, name))
     ours = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
     if ours and not (overwrite or resume):
         raise SystemExit(f"error: {out_dir}: run folder exists; pass --resume {out_dir} to "
