@@ -368,7 +368,9 @@ def build_cache(model, cache, jobs, data_dir, device, batch_size, skip_bad):
                     pixels.append(data.image_view(image, h, v, model.image_size))
                     keys.append((h, v))
             except data.DecodeError as error:
-                bad.append(path) if skip_bad else sys.exit(f"error: {error}")
+                if not skip_bad:
+                    raise SystemExit(f"error: {error}")
+                bad.append(path)
         if pixels and cache:  # without a cache (--no-cache), only check that images decode
             with torch.no_grad():
                 features = model.stem(torch.stack(pixels).to(device)).float().cpu()
