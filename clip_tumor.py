@@ -606,16 +606,16 @@ def run_one(args, build_model, out_dir):
                                             [s.path for s in parts["test"]], args.cache_dir)
     metrics["n_test_with_train_copy"] = len(leaky)
     keep = np.array([s.path not in leaky for s in parts["test"]])
-    headline = f"test accuracy {metrics['test']['accuracy']:.4f}"
+    headline = f"test accuracy {metrics['test']['accuracy']:.4f}; {len(leaky)} of {len(keep)} " \
+               f"test images have an exact or transformed copy in training"
     if leaky and keep.any():
         metrics["test_leak_free"] = evaluate(inputs["test"], logits["test"],
                                              metrics["test"]["loss"], model.class_names, keep)
         metrics["test_leak_free"]["n_test_with_train_copy"] = len(leaky)
-        headline += f", {metrics['test_leak_free']['accuracy']:.4f} on the {keep.sum()} test " \
-                    f"images without a copy in training ({len(leaky)} have one)"
-        if splits.source != "official" and not args.split:
-            print("note: train and test share copies of images; `python data.py split "
-                  "--leak-free` writes a split that keeps each group of copies in one part")
+        headline += f", on the other {keep.sum()}: {metrics['test_leak_free']['accuracy']:.4f}"
+    if leaky and splits.source != "official" and not args.split:
+        print("note: train and test share copies of images; `python data.py split "
+              "--leak-free` writes a split that keeps each group of copies in one part")
     header = f"{metrics['model']} seed {args.seed}, best epoch {best_epoch} chosen on the " \
              f"{selection}\n{headline}\n" + (f"{len(bad)} undecodable image(s) skipped "
                                               f"(--skip-bad): {', '.join(bad)}\n" if bad else "")

@@ -138,6 +138,8 @@ def test_training_learns_synthetic_set_and_writes_run_folder(tiny_clip_config, s
                           "cache_build_seconds"}
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 40 and rows[0]["path"].startswith("Testing/")
+    assert saved["n_test_with_train_copy"] == 0 and "test_leak_free" not in saved
+    assert "0 of 40 test images have an exact or transformed copy" in (out / "report.txt").read_text()
     probs = np.array([[float(r[f"p_{c}"]) for c in data.CLASSES] for r in rows])
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
     accuracy = np.mean([r["label"] == r["pred"] for r in rows])

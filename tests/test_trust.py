@@ -237,4 +237,4 @@ def test_class_folder_run_reports_copies_across_its_random_split(tiny_clip_confi
     assert metrics["test_leak_free"]["n"] == len(kept)
     assert metrics["test_leak_free"]["accuracy"] == pytest.approx(
         sum(row["label"] == row["pred"] for row in kept) / len(kept))
-    assert "have one" in (out / "report.txt").read_text()
+    assert f"{len(leaky)} of {len(rows)} test images have" in (out / "report.txt").read_text()
