@@ -650,8 +650,8 @@ def run(args, build_model, script):
         with open(config) as f:
             saved = json.load(f)["args"]
         epochs = args.epochs if args.epochs is not None else saved["epochs"]
-        args = argparse.Namespace(**dict(saved, resume=args.resume, out=args.resume,
-                                         epochs=epochs))
+        args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume,  # today's
+                                     "out": args.resume, "epochs": epochs})  # defaults fill gaps
         print(f"resuming {args.resume} with its own options ({epochs} epochs)")
     args.epochs = EPOCHS if args.epochs is None else args.epochs
     name = os.path.basename(os.path.normpath(getattr(args, "weights", None) or args.model))

@@ -183,6 +183,10 @@ def test_resume_before_the_first_checkpoint_and_with_more_epochs(small_dir, tiny
         run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--out",
             str(tmp_path / "early"))
     monkeypatch.setattr(clip_tumor, "atomic_save", original)
+    config = json.loads((tmp_path / "early" / "config.json").read_text())
+    for option in ("shots", "calibrate", "trainable_blocks"):  # a run made by an older version
+        del config["args"][option]
+    (tmp_path / "early" / "config.json").write_text(json.dumps(config))
     resumed = clip_tumor.main(["--resume", str(tmp_path / "early")])
     assert resumed["epochs"] == 1
     longer = clip_tumor.main(["--resume", str(tmp_path / "early"), "--epochs", "2"])
