@@ -139,7 +139,7 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
     """Train/val/test samples of --data DIR; a class without train or test images is refused."""
     official = official_split_folders(data_dir)
     if split_csv:  # columns path,label,split; paths relative to data_dir
-        parts = {"train": [], "val": [], "test": []}
+        parts, listed = {"train": [], "val": [], "test": []}, set()
         for line, row in read_csv_rows(split_csv, "path,label,split"):
             label = normalise_class_name(row["label"])
             if label is None or row["split"] not in parts:
@@ -148,6 +148,10 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
             if not os.path.isfile(os.path.join(data_dir, row["path"])):
                 raise SystemExit(f"error: {split_csv}:{line}: {row['path']} not found under "
                                  f"{data_dir}; paths in a split CSV are relative to --data")
+            if row["path"] in listed:
+                raise SystemExit(f"error: {split_csv}:{line}: {row['path']} is listed twice; "
+                                 f"each image belongs to one part")
+            listed.add(row["path"])
             parts[row["split"]].append(Sample(row["path"], CLASSES.index(label)))
         splits = Splits(parts["train"], parts["val"], parts["test"], f"split CSV {split_csv}", [])
     elif official:

@@ -169,6 +169,10 @@ def test_split_csv_is_read_and_checked(synth_dir, tmp_path):
     csv_path.write_text("path,label,split\nTraining/glioma/nope.jpg,glioma,train\n")
     with pytest.raises(SystemExit, match="nope.jpg not found"):
         data.load_splits(synth_dir, 0, split_csv=str(csv_path))
+    csv_path.write_text("path,label,split\n" + "".join(",".join(r) + "\n" for r in rows)
+                        + ",".join(rows[0][:2]) + ",test\n")  # one image in train and test
+    with pytest.raises(SystemExit, match="is listed twice; each image belongs to one part"):
+        data.load_splits(synth_dir, 0, split_csv=str(csv_path))
     only_glioma = [r for r in rows if r[1] == "glioma"]
     csv_path.write_text("path,label,split\n" + "".join(",".join(r) + "\n" for r in only_glioma))
     with pytest.raises(SystemExit, match="split.csv: no meningioma image in the train split"):
