@@ -340,9 +340,7 @@ class Inputs:
             content_hash = self.hashes[self.samples[i].path]
             feature = self.cache.read(self.cache.path(content_hash, v))
             if feature is None:  # damaged or deleted since the build: recompute and store
-                with torch.no_grad():
-                    self.cache.put(content_hash, v, self.model.stem(
-                        self.pixels(i, v)[None].to(self.model.mean.device)).float().cpu()[0])
+                store_stem(self.model, self.cache, [self.pixels(i, v)], [(content_hash, v)])
                 feature = self.cache.read(self.cache.path(content_hash, v))
             features.append(feature)
         return torch.stack(features)
@@ -351,31 +349,38 @@ class Inputs:
         return self.model.top(inputs) if self.cache is not None else self.model(inputs)
 
 
-def build_cache(model, cache, jobs, data_dir, device, batch_size, skip_bad):
+def store_stem(model, cache, pixels, keys):
+    """Run the frozen stem on a list of views (3, S, S) and store each under its (hash, view)."""
+    with torch.no_grad():
+        features = model.stem(torch.stack(pixels).to(model.mean.device)).float().cpu()
+    for (content_hash, view), feature in zip(keys, features):
+        cache.put(content_hash, view, feature)
+
+
+def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad):
     """Run the stem on every (image, view) of jobs {path: (content hash, views)} not yet cached;
     the paths that could not be decoded (with skip_bad; else the first one stops)."""
     todo = [(path, h, v) for path, (h, n_views) in jobs.items() for v in range(n_views)
             if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
-    bad, started = [], time.time()
+    bad, decoded, started = [], {}, time.time()
     model.eval()
     for start in tqdm(range(0, len(todo), batch_size), desc="feature cache", unit="batch",
                       disable=not PROGRESS or not todo):
         pixels, keys = [], []
         for path, h, v in todo[start:start + batch_size]:
-            try:
-                if path not in bad:
-                    image = data.load_rgb(os.path.join(data_dir, path))
-                    pixels.append(data.image_view(image, h, v, model.image_size))
-                    keys.append((h, v))
-            except data.DecodeError as error:
-                if not skip_bad:
-                    raise SystemExit(f"error: {error}")
-                bad.append(path)
+            if path not in decoded:  # decode once, however many views it needs (todo is in
+                try:                 # path order, so only the last image is kept)
+                    decoded = {path: data.load_rgb(os.path.join(data_dir, path))}
+                except data.DecodeError as error:
+                    if not skip_bad:
+                        raise SystemExit(f"error: {error}")
+                    bad.append(path)
+                    decoded = {path: None}
+            if decoded[path] is not None:
+                pixels.append(data.image_view(decoded[path], h, v, model.image_size))
+                keys.append((h, v))
         if pixels and cache:  # without a cache (--no-cache), only check that images decode
-            with torch.no_grad():
-                features = model.stem(torch.stack(pixels).to(device)).float().cpu()
-            for (h, v), feature in zip(keys, features):
-                cache.put(h, v, feature)
+            store_stem(model, cache, pixels, keys)
     if todo and cache:
         print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
               f"({cache.dir})")
@@ -568,7 +573,7 @@ def run_one(args, build_model, out_dir):
     cache = None if args.no_cache else FeatureCache(args.cache_dir, model)
     jobs = {s.path: (hashes[s.path], 1) for s in splits.val + splits.test}
     jobs.update({s.path: (hashes[s.path], args.views) for s in splits.train})
-    bad = build_cache(model, cache, jobs, args.data, device, args.batch_size, args.skip_bad)
+    bad = build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad)
     cache_seconds = time.time() - started
     parts = {name: [s for s in getattr(splits, name) if s.path not in bad]
              for name in ("train", "val", "test")}
@@ -603,7 +608,8 @@ def run_one(args, build_model, out_dir):
     # whatever the split, count the test images that copy a training or validation image
     leaky = data.test_paths_with_train_copy(args.data, [s.path for s in parts["train"]] +
                                             [s.path for s in parts["val"]],
-                                            [s.path for s in parts["test"]], args.cache_dir)
+                                            [s.path for s in parts["test"]], args.cache_dir,
+                                            hashes)  # the files' SHA-1s, read once above
     metrics["n_test_with_train_copy"] = len(leaky)
     keep = np.array([s.path not in leaky for s in parts["test"]])
     headline = f"test accuracy {metrics['test']['accuracy']:.4f}; {len(leaky)} of {len(keep)} " \

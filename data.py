@@ -350,10 +350,11 @@ def lcn_signatures(thumbnails):
     return lcn / lcn.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None]
 
 
-def load_signatures(data_dir, paths, cache_dir=None):
+def load_signatures(data_dir, paths, cache_dir=None, file_hashes=None):
     """(pixel hashes, (N, 64, 64) signatures) of data_dir/<path>, cached by file SHA-1 as float16
     (scores move < 1e-4). An undecodable file gets hash "undecodable:<SHA-1>", zero signature."""
-    keys = [file_hash(os.path.join(data_dir, path)) for path in paths]
+    keys = [file_hashes[path] if file_hashes else file_hash(os.path.join(data_dir, path))
+            for path in paths]
     cache_file = os.path.join(cache_dir or "", SIGNATURE_CACHE)
     cached = {}  # file SHA-1 -> (pixel hash, float16 signature)
     if cache_dir and os.path.exists(cache_file):
@@ -423,11 +424,14 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
     return found
 
 
-def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None):
+def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None,
+                               file_hashes=None):
     """The test paths with an exact or transformed copy in train_paths, for any split (the rest is
-    the leak-free test set); 5 s for Kaggle's official split on 2 CPU cores once cached."""
+    the leak-free test set); 5 s for Kaggle's official split on 2 CPU cores once cached.
+    file_hashes: {path: file_hash(path)} when the caller has read them already."""
     train_paths, test_paths = list(train_paths), list(test_paths)
-    hashes, signatures = load_signatures(data_dir, test_paths + train_paths, cache_dir)
+    hashes, signatures = load_signatures(data_dir, test_paths + train_paths, cache_dir,
+                                         file_hashes)
     pairs = find_pairs(hashes, signatures[:len(test_paths)], signatures[len(test_paths):])
     return {test_paths[i] for i, _ in pairs}
 
