@@ -15,16 +15,22 @@ import argparse
 import csv
 import glob
 import hashlib
+import io
 import itertools
 import json
 import math
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+import stats
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 CLASS_ALIASES = {  # folder name, lower case with spaces/hyphens as "_" -> class
@@ -226,6 +232,133 @@ def image_view(image, content_hash, view, image_size):
     pixels = TF.adjust_contrast(pixels, uniform(*CONTRAST_RANGE))
     noise = torch.randn(pixels.shape, generator=g) * math.sqrt(NOISE_VARIANCE)
     return (pixels + noise).clamp(0, 1)
+
+
+# ---- the feature cache: the frozen stem's outputs on disk --------------------------------
+
+PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only; a log gets a line per phase
+
+
+class FeatureCache:
+    """Stem outputs on disk, one file per (image content, view), in a folder named by a hash of
+    all that determines them (model.cache_key, augmentation recipe, torch version). A probe
+    image's stem output, compared on every open, catches anything the key misses. Each entry
+    starts with the SHA-1 of its bytes, checked on every read: a damaged entry is recomputed."""
+
+    def __init__(self, root, model):
+        key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
+        self.dir = os.path.join(root, hashlib.sha1(json.dumps(key, sort_keys=True).encode())
+                                .hexdigest()[:16])
+        os.makedirs(self.dir, exist_ok=True)
+        probe = torch.rand(1, 3, model.image_size, model.image_size,
+                           generator=torch.Generator().manual_seed(0)).to(model.mean.device)
+        with torch.no_grad():
+            probe = model.eval().stem(probe).float().cpu()[0]
+        stored = self.read(os.path.join(self.dir, "probe.bin"))
+        if stored is not None and not torch.allclose(stored, probe, rtol=1e-4, atol=1e-5):
+            print(f"feature cache {self.dir}: made by a stem that gives other outputs; rebuilding")
+            shutil.rmtree(self.dir)
+            os.makedirs(self.dir)
+        if stored is None or not os.path.exists(os.path.join(self.dir, "probe.bin")):
+            self.write(os.path.join(self.dir, "probe.bin"), probe.numpy())
+            stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
+
+    def path(self, content_hash, view):
+        return os.path.join(self.dir, content_hash[:2], f"{content_hash}_v{view}.bin")
+
+    @staticmethod
+    def write(path, array):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        payload = buffer.getvalue()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        stats.atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
+
+    @staticmethod
+    def read(path):
+        """The stored tensor (float32), or None when missing or damaged (checksum mismatch)."""
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            stored = f.read()
+        if hashlib.sha1(stored[20:]).digest() != stored[:20]:
+            print(f"feature cache: {path} is damaged (checksum mismatch); recomputing it")
+            return None
+        return torch.from_numpy(np.load(io.BytesIO(stored[20:]))).float()
+
+    def put(self, content_hash, view, features):
+        self.write(self.path(content_hash, view), features.numpy().astype(np.float16))
+
+
+class Inputs:
+    """Batches of one split: cached stem features (default) or decoded pixels (--no-cache)."""
+
+    def __init__(self, samples, hashes, data_dir, model, cache):
+        self.samples, self.hashes, self.data_dir = samples, hashes, data_dir
+        self.model, self.cache = model, cache
+        self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def pixels(self, index, view):
+        sample = self.samples[index]
+        image = load_rgb(os.path.join(self.data_dir, sample.path))
+        return image_view(image, self.hashes[sample.path], view, self.model.image_size)
+
+    def batch(self, indices, views):
+        if self.cache is None:
+            return torch.stack([self.pixels(i, v) for i, v in zip(indices, views)])
+        features = []
+        for i, v in zip(indices, views):
+            content_hash = self.hashes[self.samples[i].path]
+            feature = self.cache.read(self.cache.path(content_hash, v))
+            if feature is None:  # damaged or deleted since the build: recompute and store
+                store_stem(self.model, self.cache, [self.pixels(i, v)], [(content_hash, v)])
+                feature = self.cache.read(self.cache.path(content_hash, v))
+            features.append(feature)
+        return torch.stack(features)
+
+    def logits(self, inputs):
+        return self.model.top(inputs) if self.cache is not None else self.model(inputs)
+
+
+def store_stem(model, cache, pixels, keys):
+    """Run the frozen stem on a list of views (3, S, S) and store each under its (hash, view)."""
+    with torch.no_grad():
+        features = model.stem(torch.stack(pixels).to(model.mean.device)).float().cpu()
+    for (content_hash, view), feature in zip(keys, features):
+        cache.put(content_hash, view, feature)
+
+
+def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad):
+    """Run the stem on every (image, view) of jobs {path: (content hash, views)} not yet cached;
+    the paths that could not be decoded (with skip_bad; else the first one stops)."""
+    todo = [(path, h, v) for path, (h, n_views) in jobs.items() for v in range(n_views)
+            if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
+    bad, decoded, started = [], {}, time.time()
+    model.eval()
+    for start in tqdm(range(0, len(todo), batch_size), desc="feature cache", unit="batch",
+                      disable=not PROGRESS or not todo):
+        pixels, keys = [], []
+        for path, h, v in todo[start:start + batch_size]:
+            if path not in decoded:  # decode once, however many views it needs (todo is in
+                try:                 # path order, so only the last image is kept)
+                    decoded = {path: load_rgb(os.path.join(data_dir, path))}
+                except DecodeError as error:
+                    if not skip_bad:
+                        raise SystemExit(f"error: {error}")
+                    bad.append(path)
+                    decoded = {path: None}
+            if decoded[path] is not None:
+                pixels.append(image_view(decoded[path], h, v, model.image_size))
+                keys.append((h, v))
+        if pixels and cache:  # without a cache (--no-cache), only check that images decode
+            store_stem(model, cache, pixels, keys)
+    if todo and cache:
+        print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
+              f"({cache.dir})")
+    return bad
 
 
 # ---- synthetic MRI-like data -------------------------------------------------------------------

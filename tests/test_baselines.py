@@ -77,7 +77,7 @@ def test_cached_path_gives_same_logits_and_gradients_as_full_forward(name, train
         return logits.detach(), torch.autograd.grad(F.cross_entropy(logits, labels), params)
 
     full_logits, full_grads = logits_and_grads(lambda: model(images))
-    model.eval()  # the cache is built in eval mode (clip_tumor.build_cache), training is not
+    model.eval()  # the cache is built in eval mode (data.build_cache), training is not
     with torch.no_grad():
         features = model.stem(images)
     model.train()

@@ -82,11 +82,11 @@ def test_trainable_parameters_are_what_open_clip_unlocks(tiny_clip_config):
 
 def test_feature_cache_round_trip_reuse_and_staleness(tiny_clip_config, synth_dir, tmp_path):
     model = tiny_model(tiny_clip_config)
-    cache = clip_tumor.FeatureCache(str(tmp_path / "cache"), model)
+    cache = data.FeatureCache(str(tmp_path / "cache"), model)
     samples = data.load_splits(synth_dir, 0).test[:5]
     hashes = {s.path: data.file_hash(os.path.join(synth_dir, s.path)) for s in samples}
     jobs = {s.path: (hashes[s.path], 2) for s in samples}
-    clip_tumor.build_cache(model, cache, jobs, synth_dir, 4, False)
+    data.build_cache(model, cache, jobs, synth_dir, 4, False)
     # stored fp16 features equal the stem's float32 output to fp16 precision
     image = data.load_rgb(os.path.join(synth_dir, samples[0].path))
     with torch.no_grad():
@@ -97,19 +97,19 @@ def test_feature_cache_round_trip_reuse_and_staleness(tiny_clip_config, synth_di
     calls = []
     original_stem = model.stem
     model.stem = lambda x: calls.append(len(x)) or original_stem(x)
-    clip_tumor.build_cache(model, cache, jobs, synth_dir, 4, False)
+    data.build_cache(model, cache, jobs, synth_dir, 4, False)
     assert calls == []  # everything was cached: the stem never ran
     jobs[samples[0].path] = (hashes[samples[0].path], 3)  # one more view: only it is computed
-    clip_tumor.build_cache(model, cache, jobs, synth_dir, 4, False)
+    data.build_cache(model, cache, jobs, synth_dir, 4, False)
     assert calls == [1]
     # another stem (different weights) is a different folder: nothing stale is read
-    other = clip_tumor.FeatureCache(str(tmp_path / "cache"), tiny_model(tiny_clip_config, seed=1))
+    other = data.FeatureCache(str(tmp_path / "cache"), tiny_model(tiny_clip_config, seed=1))
     assert other.dir != cache.dir
     assert not os.path.exists(other.path(hashes[samples[0].path], 0))
 
 
 def test_interrupted_cache_write_leaves_no_entry(tiny_clip_config, tmp_path, monkeypatch):
-    cache = clip_tumor.FeatureCache(str(tmp_path), tiny_model(tiny_clip_config))
+    cache = data.FeatureCache(str(tmp_path), tiny_model(tiny_clip_config))
     original = clip_tumor.hashlib.sha1
 
     def crash(payload):

@@ -55,10 +55,10 @@ def test_cache_key_has_the_architecture_and_is_shared_by_heads(tiny_clip_config,
     plain, quick_gelu = tiny(tiny_clip_config), tiny(str(quick))
     assert plain.cache_key["frozen_digest"] == quick_gelu.cache_key["frozen_digest"]
     cache = str(tmp_path / "cache")
-    assert clip_tumor.FeatureCache(cache, plain).dir != clip_tumor.FeatureCache(cache, quick_gelu).dir
-    heads = {clip_tumor.FeatureCache(cache, tiny(tiny_clip_config, head=head)).dir
+    assert data.FeatureCache(cache, plain).dir != data.FeatureCache(cache, quick_gelu).dir
+    heads = {data.FeatureCache(cache, tiny(tiny_clip_config, head=head)).dir
              for head in ("cosine", "mlp", "fusion")}
-    assert heads == {clip_tumor.FeatureCache(cache, plain).dir}
+    assert heads == {data.FeatureCache(cache, plain).dir}
 
 
 def test_damaged_cache_entries_are_recomputed_with_the_same_result(small_dir, tiny_clip_config,
