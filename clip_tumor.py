@@ -446,8 +446,8 @@ def run_one(args, build_model, out_dir):
     hashes = {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in everything}
     started = time.time()
     cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
-    jobs = {s.path: (hashes[s.path], 1) for s in splits.val + splits.test}
-    jobs.update({s.path: (hashes[s.path], args.views) for s in splits.train})
+    jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
+    jobs.update({s.path: (hashes[s.path], list(range(args.views))) for s in splits.train})
     bad = data.build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad)
     cache_seconds = time.time() - started
     parts = {name: [s for s in getattr(splits, name) if s.path not in bad]

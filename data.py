@@ -293,9 +293,9 @@ class FeatureCache:
 class Inputs:
     """Batches of one split: cached stem features (default) or decoded pixels (--no-cache)."""
 
-    def __init__(self, samples, hashes, data_dir, model, cache):
+    def __init__(self, samples, hashes, data_dir, model, cache, make_view=None):
         self.samples, self.hashes, self.data_dir = samples, hashes, data_dir
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.make_view = model, cache, make_view or image_view
         self.labels = torch.tensor([s.label for s in samples], dtype=torch.long)
 
     def __len__(self):
@@ -304,7 +304,7 @@ class Inputs:
     def pixels(self, index, view):
         sample = self.samples[index]
         image = load_rgb(os.path.join(self.data_dir, sample.path))
-        return image_view(image, self.hashes[sample.path], view, self.model.image_size)
+        return self.make_view(image, self.hashes[sample.path], view, self.model.image_size)
 
     def batch(self, indices, views):
         if self.cache is None:
@@ -331,10 +331,11 @@ def store_stem(model, cache, pixels, keys):
         cache.put(content_hash, view, feature)
 
 
-def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad):
-    """Run the stem on every (image, view) of jobs {path: (content hash, views)} not yet cached;
-    the paths that could not be decoded (with skip_bad; else the first one stops)."""
-    todo = [(path, h, v) for path, (h, n_views) in jobs.items() for v in range(n_views)
+def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
+    """Run the stem on every (image, view) of jobs {path: (content hash, view ids)} not yet
+    cached, each view made by make_view (image_view, or one that adds adversarial views); the
+    paths that could not be decoded (with skip_bad; else the first one stops)."""
+    todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
             if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
     bad, decoded, started = [], {}, time.time()
     model.eval()
@@ -351,7 +352,7 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad):
                     bad.append(path)
                     decoded = {path: None}
             if decoded[path] is not None:
-                pixels.append(image_view(decoded[path], h, v, model.image_size))
+                pixels.append(make_view(decoded[path], h, v, model.image_size))
                 keys.append((h, v))
         if pixels and cache:  # without a cache (--no-cache), only check that images decode
             store_stem(model, cache, pixels, keys)

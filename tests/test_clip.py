@@ -85,7 +85,7 @@ def test_feature_cache_round_trip_reuse_and_staleness(tiny_clip_config, synth_di
     cache = data.FeatureCache(str(tmp_path / "cache"), model)
     samples = data.load_splits(synth_dir, 0).test[:5]
     hashes = {s.path: data.file_hash(os.path.join(synth_dir, s.path)) for s in samples}
-    jobs = {s.path: (hashes[s.path], 2) for s in samples}
+    jobs = {s.path: (hashes[s.path], [0, 1]) for s in samples}
     data.build_cache(model, cache, jobs, synth_dir, 4, False)
     # stored fp16 features equal the stem's float32 output to fp16 precision
     image = data.load_rgb(os.path.join(synth_dir, samples[0].path))
@@ -99,7 +99,7 @@ def test_feature_cache_round_trip_reuse_and_staleness(tiny_clip_config, synth_di
     model.stem = lambda x: calls.append(len(x)) or original_stem(x)
     data.build_cache(model, cache, jobs, synth_dir, 4, False)
     assert calls == []  # everything was cached: the stem never ran
-    jobs[samples[0].path] = (hashes[samples[0].path], 3)  # one more view: only it is computed
+    jobs[samples[0].path] = (hashes[samples[0].path], [0, 1, 2])  # one more view: only it is computed
     data.build_cache(model, cache, jobs, synth_dir, 4, False)
     assert calls == [1]
     # another stem (different weights) is a different folder: nothing stale is read
