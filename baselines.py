@@ -4,10 +4,9 @@
     python baselines.py --model resnet50 --data ./merged --train-from layer4   # CPU: cache the rest
     python baselines.py --demo --model densenet121                      # offline: synthetic data
 
-The paper's baselines (its split: ResNet-50 95.81 %, Xception 97.43 %, DenseNet-121 96.92 %)
-have no recipe: CLIP's, every layer trained from timm's ImageNet weights (below), a fresh 4-class
-layer replacing the 1000-class one. `--demo` (from scratch, 64 px, 10 epochs, one thread, 2-core
-CPU): 100 % test accuracy each; resnet50 in 139 s, densenet121 in 110 s, xception in 151 s.
+No recipe in the paper (ResNet-50 95.81 %, Xception 97.43 %, DenseNet-121 96.92 %): CLIP's, from
+timm's ImageNet weights, every layer trained. `--demo` (from scratch, 64 px, 10 epochs, one thread,
+2-core CPU): 100 % test accuracy each; resnet50 in 139 s, densenet121 in 110 s, xception in 151 s.
 """
 import timm
 import torch
@@ -19,9 +18,8 @@ import data
 MODEL = "resnet50"       # one of the paper's three below, or a timm name (resnet50.tv_in1k)
 PRETRAINED = "default"   # default (the model's ImageNet weights), a local file, or none
 IMAGE_SIZE = 224         # "resize to 224 x 224" (the paper's preprocessing, for all models)
-PAPER_MODELS = {"resnet50": "resnet50.tv2_in1k",          # torchvision's IMAGENET1K_V2
-                "densenet121": "densenet121.tv_in1k",      # torchvision's IMAGENET1K_V1
-                "xception": "legacy_xception.tf_in1k"}     # Chollet's Keras Xception
+PAPER_MODELS = {"resnet50": "resnet50.tv2_in1k", "densenet121": "densenet121.tv_in1k",
+                "xception": "legacy_xception.tf_in1k"}  # torchvision's V2, V1; Chollet's Keras
 HEAD_MODULES = {"global_pool", "head_drop", "fc_norm", "head", "fc", "classifier"}  # timm's
 STAGE_CONTAINERS = {"features", "blocks", "stages"}  # opened, so that each stage can be chosen
 
@@ -29,8 +27,7 @@ STAGE_CONTAINERS = {"features", "blocks", "stages"}  # opened, so that each stag
 # ---- model -------------------------------------------------------------------------------------
 
 class CNNClassifier(nn.Module):
-    """A timm classifier as a chain of stages: its modules before the head, containers opened
-    (conv1 ... layer4, features.conv0 ... features.norm5). Those before `train_from`: the stem."""
+    """A timm model as a chain of stages (conv1 ... layer4, features.conv0 ... features.norm5)."""
 
     def __init__(self, network, train_from, name, weights, image_size):
         super().__init__()
@@ -58,29 +55,23 @@ class CNNClassifier(nn.Module):
                               [*stem.parameters(), *stem.buffers()])}  # BN statistics too
 
     def train(self, mode=True):
-        """Frozen stages stay in eval mode (BatchNorm keeps its statistics): cached = full path."""
         super().train(mode)
-        for _, stage in self.frozen_stages:
+        for _, stage in self.frozen_stages:  # frozen BatchNorm keeps its statistics: cached = full
             stage.eval()
         return self
 
     def stem(self, images):
-        """Pixels in [0, 1] -> the frozen stages' output: (B, 1024, S/16, S/16) before layer4."""
-        x = (images - self.mean) / self.std
+        x = (images - self.mean) / self.std                              # pixels in [0, 1]
         for _, stage in self.frozen_stages:
             x = stage(x)
-        return x
+        return x                                       # (B, 1024, S/16, S/16) before layer4
 
-    def top(self, features, cls_only=True):
-        """Trainable stages and the head -> (B, C) logits (a CNN has no CLS: cls_only is unused)."""
-        if not self.frozen_stages:  # full fine-tuning: the library's own forward
-            return self.network(features)
+    def top(self, features, cls_only=True):  # a CNN has no CLS token: cls_only is unused
         for _, stage in self.trainable_stages:
             features = stage(features)
         return self.network.forward_head(features)
 
-    def forward(self, images):
-        """The paper's way: the library's own forward on the whole network, every step."""
+    def forward(self, images):  # the paper's way: timm's own forward, every step
         return self.network((images - self.mean) / self.std)
 
 
@@ -103,37 +94,28 @@ def build_model(args):
                          f"offline? pass --pretrained FILE (from {source}) or --pretrained none")
     config = network.pretrained_cfg
     weights = "none" if pretrained == "none" else f"{config['architecture']}.{config['tag']}"
-    if pretrained not in ("default", "none"):  # a state dict file: all keys and shapes must fit
+    if pretrained not in ("default", "none"):  # a state dict file: every key and shape must fit
+        head = config["classifier"] + "."  # any class count: this layer is replaced below
         try:
             theirs = timm.models.load_state_dict(pretrained)  # unwraps {"state_dict": ...}
-        except Exception as error:  # a text file, an image, a truncated download, ...
-            raise SystemExit(f"error: --pretrained {pretrained}: not a readable weights file "
-                             f"({error!r:.120}); pass a state dict file (torch.save, .safetensors)")
-        ours, classifier = network.state_dict(), config["classifier"] + "."
-        theirs.update({k: v for k, v in ours.items() if k.startswith(classifier)})  # reset below
-        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-        wrong_shape = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
-        if missing or unexpected or wrong_shape:
-            raise SystemExit(f"error: --pretrained {pretrained}: does not fit "
-                             f"{type(network).__name__}: {len(missing)} missing key(s) "
-                             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                             f"{len(wrong_shape)} of another shape {wrong_shape[:3]}; pass this "
-                             f"model's state dict")
-        network.load_state_dict(theirs)
+            theirs.update({k: v for k, v in network.state_dict().items() if k.startswith(head)})
+            network.load_state_dict(theirs)  # strict: torch names missing, unexpected, misshapen
+        except Exception as error:  # not weights at all (text, JPEG, truncated), another model's
+            raise SystemExit(f"error: --pretrained {pretrained}: not a state dict of {name} "
+                             f"({error!r:.300}); pass one saved by torch.save or .safetensors")
         weights = f"file:{data.file_hash(pretrained)[:16]}"  # the file's SHA-1
     network.reset_classifier(len(data.CLASSES))  # a fresh 4-class layer (seeded above)
 
     model = CNNClassifier(network, args.train_from, args.model, weights, args.image_size)
-    if model.frozen_stages:  # the stages must chain to the library's own forward: check once
-        probe = torch.rand(2, 3, args.image_size, args.image_size, generator=torch.Generator())
-        with torch.no_grad():  # in eval mode: BatchNorm uses its running statistics in both
-            chained, library = model.eval().top(model.stem(probe)), model(probe)
-        if not torch.allclose(chained, library, rtol=1e-4, atol=1e-4):
-            raise SystemExit(f"error: --train-from {args.train_from}: {args.model}'s forward is "
-                             f"not the chain of its stages; train every layer (no --train-from)")
-    elif not args.no_cache:  # nothing is frozen, so there is nothing to cache
+    if not model.frozen_stages:  # nothing is frozen, so there is nothing to cache
         print("training every layer: nothing is frozen, so nothing is cached")
         args.no_cache = True
+        return model
+    probe = torch.rand(2, 3, args.image_size, args.image_size, generator=torch.Generator())
+    with torch.no_grad():  # any timm name: check once that its stages chain to its own forward
+        if not torch.allclose(model.eval().top(model.stem(probe)), model(probe), 1e-4, 1e-4):
+            raise SystemExit(f"error: --train-from {args.train_from}: {args.model}'s forward "
+                             f"is not the chain of its stages; train every layer (no --train-from)")
     return model
 
 
@@ -141,11 +123,9 @@ def build_model(args):
 
 def main(argv=None):
     parser = clip_tumor.make_parser(__doc__)
-    parser.add_argument("--model", default=MODEL,
-                        help="the paper's resnet50, densenet121 or xception, or any timm model")
+    parser.add_argument("--model", default=MODEL, help="resnet50, densenet121, xception or timm's")
     parser.add_argument("--pretrained", default=PRETRAINED, help="default, none, or a file")
-    parser.add_argument("--train-from", metavar="STAGE", help="freeze (BatchNorm statistics too) "
-                        "and cache the stages before STAGE; default: every layer trains (paper)")
+    parser.add_argument("--train-from", metavar="STAGE", help="freeze and cache the earlier stages")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input size (paper 224)")
     args = clip_tumor.parse_args(parser, argv, pretrained="none", image_size=64, epochs=10)
     return clip_tumor.run(args, build_model, "cnn")

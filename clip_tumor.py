@@ -47,6 +47,11 @@ RESTART_EPOCHS = 5       # "Cosine Annealing Warm Restarts (T_0 = 5 for 5-epoch 
 WARMUP_EPOCHS = 1        # "... following warm-up)": its length is not given; one epoch, linear
 FOCAL_GAMMA = 2.0        # focal loss exponent (the paper names focal loss, not its gamma)
 VIEWS = 4                # view 0 plain + 3 augmented views per training image
+FGSM_EPS = 0.01          # "Fast Gradient Sign Method ... epsilon = 0.01" ([0, 1] pixels)
+PGD_STEPS = 7            # "PGD: ... a step of size = 0.01 for seven times"
+PGD_STEP_SIZE = 0.01
+PGD_EPS = 0.03           # PGD's L-inf radius, not given: 7 steps of 0.01 fit Madry et al.'s
+                         # rule step = 2.5 x radius / steps at radius 0.028 (~8/255, the usual)
 DEMO_DIR = os.path.join(tempfile.gettempdir(), "tumor-vlm-demo")
 
 # A tiny ViT for --demo and the tests: same code paths, random weights, seconds to train.
@@ -219,14 +224,14 @@ def load_clip(model_name, pretrained):
     local_file = os.path.isfile(pretrained)
     weights = None if pretrained == "none" or from_hub else pretrained
     # OpenAI's weights were trained with QuickGELU; a tag says so itself, a local file cannot
-    quick_gelu = bool(weights and not local_file and
-                      open_clip.get_pretrained_cfg(model_name, weights).get("quick_gelu"))
-    if local_file and "quickgelu" not in model_name and \
-            open_clip.get_pretrained_cfg(model_name, "openai").get("quick_gelu"):
+    tag = weights if weights and not local_file else "openai"
+    openai_gelu = open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu")
+    if local_file and openai_gelu and "quickgelu" not in model_name:
         print(f"note: OpenAI's {model_name} weights were trained with QuickGELU; if "
               f"{pretrained} holds them, pass --model {model_name}-quickgelu")
     try:
-        model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=quick_gelu)
+        model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=bool(
+            weights and not local_file and openai_gelu))
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as error:
         if weights is None and not from_hub:
@@ -234,13 +239,12 @@ def load_clip(model_name, pretrained):
         problem = f"{type(error).__name__}: {str(error)[:200]}"
         raise SystemExit(f"error: --pretrained {pretrained}: not weights of {model_name} "
                          f"({problem})" if local_file else
-                         f"error: could not obtain the open_clip weights '{pretrained}' for "
-                         f"{model_name} ({problem}).\nOffline? Run once where the internet is "
-                         f"reachable (weights are cached in ~/.cache/huggingface), or download "
-                         f"the file and pass it: --model {model_name}-quickgelu --pretrained "
-                         f"/path/to/open_clip_pytorch_model.bin (OpenAI weights use QuickGELU)"
-                         f", or use --pretrained none for random weights; a hub model's folder: "
-                         f"`hf download ORG/NAME --local-dir D`, then --model local-dir:D.")
+                         f"error: cannot obtain the weights '{pretrained}' of {model_name} "
+                         f"({problem}). Offline? Run once online (cached in ~/.cache/huggingface)"
+                         f", or pass the downloaded file: --model {model_name}-quickgelu "
+                         f"--pretrained /path/to/open_clip_pytorch_model.bin (OpenAI weights use "
+                         f"QuickGELU); a hub model: `hf download ORG/NAME --local-dir D`, then "
+                         f"--model local-dir:D; random weights: --pretrained none.")
     if local_file or from_hub:
         weights = f"file:{tensor_digest(model.visual.parameters())[:16]}"
     return model, tokenizer, weights or "none"
@@ -255,14 +259,80 @@ def build_model(args):
     return CLIPClassifier(clip_model, tokenizer, head, name, weights, args.trainable_blocks)
 
 
-# ---- feature cache -----------------------------------------------------------------------------
+# ---- adversarial examples: FGSM and PGD ---------------------------------------------------------
+
+def attack(model, images, labels, steps, step_size, radius):
+    """Adversarial copies of images (B, 3, S, S) in [0, 1] pixels, before normalisation: `steps`
+    signed-gradient steps of step_size up the cross-entropy, each projected to the L-inf ball of
+    `radius` around the images and to [0, 1]. FGSM: one step of eps in a ball of eps. No random
+    start (torchattacks' random_start=False: a test compares); eval mode, as torchattacks."""
+    was_training = model.training
+    model.eval()
+    adversarial = images.detach()
+    for _ in range(steps):  # each step a full forward and backward, frozen stem included
+        adversarial.requires_grad_(True)
+        loss = F.cross_entropy(model(adversarial), labels)
+        gradient, = torch.autograd.grad(loss, adversarial)  # d loss / d pixels only
+        stepped = adversarial.detach() + step_size * gradient.sign()
+        adversarial = (images + (stepped - images).clamp(-radius, radius)).clamp(0, 1).detach()
+    model.train(was_training)
+    return adversarial
+
+
+def attack_settings(args, method):
+    """(steps, step size, radius) of "fgsm" or "pgd" from the options."""
+    if method == "fgsm":
+        return 1, args.eps, args.eps
+    return args.pgd_steps, args.pgd_step_size, args.pgd_eps
+
+
+def adversarial_view_maker(args, build_model, device, labels):
+    """(make_view, view id) for the cached path: view `view id` of an image is its plain view
+    attacked once by the starting model (pretrained weights and the zero-shot prompt head, so no
+    seed or random head enters; a CNN's is its seeded new layer), then cached like any view.
+    labels: {content hash: class}. Static augmentation: the paper attacks the current model."""
+    attacker = build_model(argparse.Namespace(**dict(vars(args), head="cosine"))).to(device)
+    settings = attack_settings(args, args.adversarial)
+    view_id = "{}-{}x{}-r{}-{}".format(args.adversarial, *settings, tensor_digest(
+        attacker.state_dict().values())[:12])  # file name part: the attack and its model
+
+    def make_view(image, content_hash, view, image_size):
+        pixels = data.image_view(image, content_hash, 0 if view == view_id else view, image_size)
+        if view != view_id:
+            return pixels
+        label = torch.tensor([labels[content_hash]], device=device)
+        return attack(attacker, pixels[None].to(device), label, *settings)[0].cpu()
+    return make_view, view_id
+
+
+def attacked_accuracy(model, test_inputs, args):
+    """metrics["test_fgsm"], ["test_pgd"]: the full network's accuracy on attacked test images
+    (a stratified subset of about --attack-n when given) and on the same images unattacked."""
+    samples = test_inputs.samples
+    if args.attack_n and args.attack_n < len(samples):
+        samples = data.stratified_split(samples, args.attack_n / len(samples), args.seed)[1]
+    pixels = data.Inputs(samples, test_inputs.hashes, test_inputs.data_dir, model, None)
+    correct = {"clean": 0, "fgsm": 0, "pgd": 0}
+    for start in range(0, len(samples), args.batch_size):
+        indices = list(range(start, min(start + args.batch_size, len(samples))))
+        images = pixels.batch(indices, [0] * len(indices)).to(model.mean.device)
+        labels = pixels.labels[indices].to(model.mean.device)
+        for method in correct:
+            attacked = images if method == "clean" else \
+                attack(model, images, labels, *attack_settings(args, method))
+            with torch.no_grad():
+                correct[method] += (model(attacked).argmax(-1) == labels).sum().item()
+    return {f"test_{method}": dict(zip(("steps", "step_size", "eps"), attack_settings(
+        args, method)), accuracy=correct[method] / len(samples), n_attacked=len(samples),
+        clean_accuracy=correct["clean"] / len(samples)) for method in ("fgsm", "pgd")}
+
+
+# ---- training ----------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
     stats.atomic_write(path, lambda f: torch.save(obj, f))
 
-
-# ---- training ----------------------------------------------------------------------------------
 
 def focal_loss(logits, targets, weight=None, gamma=FOCAL_GAMMA):
     """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma per sample."""
@@ -315,8 +385,9 @@ def predict(inputs, batch_size):
     return logits.numpy(), F.cross_entropy(logits, inputs.labels).item() if len(inputs) else 0.0
 
 
-def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None):
-    """The training loop: AdamW, warm-up and warm restarts, best epoch on the selection split."""
+def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, view_ids=None):
+    """The training loop: AdamW, warm-up and warm restarts, best epoch on the selection split;
+    each image's view is drawn from view_ids (default 0 .. --views - 1) every epoch."""
     device = model.mean.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -336,7 +407,8 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None):
         # batch order and views come from (seed, epoch) alone, so a resumed run replays them
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         order = torch.randperm(n, generator=g).tolist()
-        views = torch.randint(0, args.views, (n,), generator=g).tolist()
+        view_ids = view_ids or list(range(args.views))
+        views = [view_ids[k] for k in torch.randint(0, len(view_ids), (n,), generator=g).tolist()]
         model.train()
         seen, correct, total_loss = 0, 0, 0.0
         for step in tqdm(range(steps), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
@@ -347,6 +419,9 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None):
             indices = order[step * args.batch_size:(step + 1) * args.batch_size]
             batch = train_inputs.batch(indices, [views[i] for i in indices]).to(device)
             labels = train_inputs.labels[indices].to(device)
+            if args.adversarial != "none" and train_inputs.cache is None:  # the exact way: attack
+                adversarial = attack(model, batch, labels, *attack_settings(args, args.adversarial))
+                batch, labels = torch.cat([batch, adversarial]), torch.cat([labels, labels])  # 1:1
             logits = train_inputs.logits(batch)
             loss = loss_fn(logits, labels)
             if not torch.isfinite(loss):  # diverged: stop before NaN reaches any result
@@ -355,9 +430,9 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            seen += len(indices)
+            seen += len(labels)
             correct += (logits.argmax(-1) == labels).sum().item()  # a CPU-GPU sync point
-            total_loss += loss.item() * len(indices)
+            total_loss += loss.item() * len(labels)
         select_logits, select_loss = predict(select_inputs, args.batch_size)
         select_accuracy = stats.accuracy(select_inputs.labels.numpy(), select_logits.argmax(1))
         history.append({"epoch": epoch + 1, "train_loss": total_loss / seen,
@@ -391,13 +466,15 @@ def check_arguments(args):
         ("lr", args.lr, args.lr > 0, "positive"),
         ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "between 0 and 1"),
         ("seed", args.seed, 0 <= args.seed < 2 ** 32, "0 to 2**32 - 1"),
-        ("seeds", args.seeds, all(s.isdigit() and int(s) < 2 ** 32
-                                  for s in (args.seeds or "0").split(",")),
-         "comma-separated integers 0 to 2**32 - 1, e.g. 42,123,456"),
         ("split", args.split, not args.split or os.path.isfile(args.split),
          "no such file (make one with `python data.py split --data DIR --out S.csv --leak-free`)"),
         ("out", args.out, not args.out or not os.path.isfile(args.out), "is a file, not a folder"),
         ("shots", args.shots, args.shots is None or args.shots >= 1, "1 or more"),
+        ("attack-n", args.attack_n, args.attack_n is None or args.attack_n >= 1, "1 or more"),
+        ("pgd-steps", args.pgd_steps, args.pgd_steps >= 1, "1 or more"),
+        ("eps", (args.eps, args.pgd_step_size, args.pgd_eps),
+         min(args.eps, args.pgd_step_size, args.pgd_eps) > 0, "--eps, --pgd-step-size and "
+         "--pgd-eps must be positive ([0, 1] pixel units)"),
         ("calibrate", "", not args.calibrate or args.select_on == "val",
          "needs the validation split (not --select-on test)"),
         ("data", args.data, args.data is not None, "missing: pass the dataset folder (or --demo)"))
@@ -447,24 +524,36 @@ def run_one(args, build_model, out_dir):
     started = time.time()
     cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
     jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
-    jobs.update({s.path: (hashes[s.path], list(range(args.views))) for s in splits.train})
-    bad = data.build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad)
+    view_ids, make_view = list(range(args.views)), data.image_view
+    if args.adversarial != "none" and cache is not None:  # one cached adversarial view per image
+        make_view, view_id = adversarial_view_maker(args, build_model, device,
+                                                    {hashes[s.path]: s.label for s in splits.train})
+        view_ids.append(view_id)
+    jobs.update({s.path: (hashes[s.path], view_ids) for s in splits.train})
+    bad = data.build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad,
+                           make_view)
     cache_seconds = time.time() - started
     parts = {name: [s for s in getattr(splits, name) if s.path not in bad]
              for name in ("train", "val", "test")}
-    inputs = {name: data.Inputs(samples, hashes, args.data, model, cache)
+    inputs = {name: data.Inputs(samples, hashes, args.data, model, cache, make_view)
               for name, samples in parts.items()}
+    adversarial = "none" if args.adversarial == "none" else f"{args.adversarial}, " + (
+        "static: one cached view per training image, made once by the starting model (the "
+        "paper's exact way: --no-cache)" if cache else "exact: each batch attacked by the "
+        "current model and trained 1:1 with the clean one")
     counts = {name: np.bincount([s.label for s in samples], minlength=model.n_classes).tolist()
               for name, samples in parts.items()}
     stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
                       "split_source": splits.source, "classes": list(model.class_names),
-                      "non_images_ignored": splits.non_images, "undecodable_skipped": bad},
+                      "non_images_ignored": splits.non_images, "undecodable_skipped": bad,
+                      "adversarial_training": adversarial},
                      os.path.join(out_dir, "config.json"))
 
     history, best_epoch = [], 0
     if args.epochs > 0:
         select = inputs["test" if args.select_on == "test" else "val"]
-        history, best_epoch = train(model, inputs["train"], select, args, out_dir, checkpoint)
+        history, best_epoch = train(model, inputs["train"], select, args, out_dir, checkpoint,
+                                    view_ids)
         best = torch.load(f"{out_dir}/best.pt", weights_only=True)["model"]
         model.load_state_dict(best, strict=False)
     selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
@@ -494,6 +583,11 @@ def run_one(args, build_model, out_dir):
                                              metrics["test"]["loss"], model.class_names, keep)
         metrics["test_leak_free"]["n_test_with_train_copy"] = len(leaky)
         headline += f", on the other {keep.sum()}: {metrics['test_leak_free']['accuracy']:.4f}"
+    if args.attack_eval:  # the chosen model under attack: the full network on [0, 1] pixels
+        metrics.update(attacked_accuracy(model, inputs["test"], args))
+        fgsm, pgd = metrics["test_fgsm"], metrics["test_pgd"]
+        headline += f"; under FGSM {fgsm['accuracy']:.4f}, PGD {pgd['accuracy']:.4f} (clean " \
+                    f"{fgsm['clean_accuracy']:.4f} on those {fgsm['n_attacked']} images)"
     if leaky and splits.source != "official" and not args.split:
         print("note: train and test share copies of images; `python data.py split "
               "--leak-free` writes a split that keeps each group of copies in one part")
@@ -517,17 +611,17 @@ def run_one(args, build_model, out_dir):
 
 
 def run(args, build_model, script):
-    """--benchmark, one run, or --seeds (a run per seed in OUT/seed<N>/, mean +- std in
-    OUT/summary.json); --resume continues a run or a seeds folder."""
+    """--benchmark, or one run (--resume: a stopped one, with its own options). Seeds: one run
+    each, then `python stats.py summary RUN...` gives mean +- std (see the README)."""
     if args.benchmark:
-        result = benchmark(build_model(args))
+        result = benchmark(build_model(args), pgd_steps=args.pgd_steps)
         print(json.dumps(result))
         return result
     if args.resume:  # the run's own options; --epochs, when given, extends or shortens it
         config = os.path.join(args.resume, "config.json")
         if not os.path.isfile(config):
             raise SystemExit(f"error: --resume {args.resume}: no config.json there; pass a run "
-                             f"folder (or --seeds folder) made by this script")
+                             f"folder made by this script")
         with open(config) as f:
             saved = json.load(f)["args"]
         epochs = args.epochs if args.epochs is not None else saved["epochs"]
@@ -539,30 +633,15 @@ def run(args, build_model, script):
     name = "-".join([script, name.removesuffix(".json")] +
                     [x for x, default in ((getattr(args, "head", "cosine"), "cosine"),
                                           (args.loss, "ce")) if x != default])
-    if not args.seeds:
-        return run_one(args, build_model, args.out or f"runs/{name}-seed{args.seed}")
-    base = args.out or f"runs/{name}-seeds"
-    os.makedirs(base, exist_ok=True)
-    stats.write_json({"args": vars(args)}, os.path.join(base, "config.json"))  # for --resume
-    run_dirs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        out = os.path.join(base, f"seed{seed}")
-        run_dirs.append(out)
-        resume = out if args.resume and os.path.isfile(f"{out}/config.json") else None
-        if not (resume and os.path.isfile(f"{out}/metrics.json")):  # skip finished seeds
-            run_one(argparse.Namespace(**dict(vars(args), seed=seed, seeds=None, out=out,
-                                              resume=resume)), build_model, out)
-    summary = stats.summarize_runs(run_dirs)
-    stats.write_json(summary, os.path.join(base, "summary.json"))
-    print(stats.format_summary(summary) + f"\nwritten to {base}/summary.json")
-    return summary
+    return run_one(args, build_model, args.out or f"runs/{name}-seed{args.seed}")
 
 
 # ---- benchmark ---------------------------------------------------------------------------------
 
-def benchmark(model, batch_size=BATCH_SIZE, repeats=5):
-    """ms per image of the stem, a naive step (whole network), a cached step and a cache read,
-    timed in rounds (a, b, c, a, b, c, ...) so that load from other jobs hits all alike."""
+def benchmark(model, batch_size=BATCH_SIZE, repeats=5, pgd_steps=PGD_STEPS):
+    """ms per image of the stem, a naive step (whole network), a cached step, a cache read and an
+    FGSM view, timed in rounds (a, b, c, a, b, c, ...) so that load from other jobs hits all
+    alike; a PGD view is pgd_steps FGSM-like steps (computed: 7 x 6 rounds would take minutes)."""
     images = torch.rand(batch_size, 3, model.image_size, model.image_size)
     labels = torch.arange(batch_size) % model.n_classes
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -582,7 +661,8 @@ def benchmark(model, batch_size=BATCH_SIZE, repeats=5):
              "naive_ms": lambda: step(lambda: model(images)),
              "cached_ms": lambda: step(lambda: model.top(features)),
              "cache_read_ms": lambda: [cache.read(cache.path(f"{i:040x}", 0))
-                                       for i in range(batch_size)]}
+                                       for i in range(batch_size)],
+             "fgsm_view_ms": lambda: attack(model, images, labels, 1, FGSM_EPS, FGSM_EPS)}
     model.train()
     times = {name: [] for name in timed}
     for round_ in range(repeats + 1):  # round 0 warms up the allocator and kernel choice
@@ -594,6 +674,7 @@ def benchmark(model, batch_size=BATCH_SIZE, repeats=5):
               for name, t in times.items()}
     shutil.rmtree(os.path.dirname(cache.dir))
     return dict(result, naive_over_cached=round(result["naive_ms"] / result["cached_ms"], 2),
+                pgd_view_ms_computed=round(pgd_steps * result["fgsm_view_ms"], 2),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 batch_size=batch_size, threads=torch.get_num_threads())
 
@@ -607,7 +688,6 @@ def make_parser(description):
     a("--data", help="dataset folder: Training/ and Testing/ with class folders, or class folders")
     a("--split", help="split CSV (path,label,split), e.g. from `python data.py split --leak-free`")
     a("--seed", type=int, default=42, help="seed of the split, initialisation and batch order")
-    a("--seeds", help="e.g. 42,123,456,789,1011: one run per seed, then mean +- std")
     a("--val-fraction", type=float, default=0.1, help="share of training images for validation")
     a("--select-on", choices=["val", "test"], default="val",
       help="split that picks the best epoch; 'test' is the paper's protocol (optimistic)")
@@ -628,10 +708,18 @@ def make_parser(description):
     a("--views", type=int, default=VIEWS, help="views per training image: plain + augmented")
     a("--cache-dir", default="./cache", help="where the frozen stem's outputs are stored")
     a("--no-cache", action="store_true", help="run the full network every step (paper's way)")
+    a("--adversarial", choices=["none", "fgsm", "pgd"], default="none", help="adversarial "
+      "training: a cached view from the starting model, or each batch with --no-cache (paper)")
+    a("--eps", type=float, default=FGSM_EPS, help="FGSM step and radius ([0, 1] pixels)")
+    a("--pgd-steps", type=int, default=PGD_STEPS, help="PGD steps")
+    a("--pgd-step-size", type=float, default=PGD_STEP_SIZE, help="PGD step size")
+    a("--pgd-eps", type=float, default=PGD_EPS, help="radius of PGD's L-inf ball (see above)")
+    a("--attack-eval", action="store_true", help="test accuracy under FGSM and PGD")
+    a("--attack-n", type=int, help="attack a stratified subset of about N test images")
     a("--skip-bad", action="store_true", help="skip images that cannot be decoded (counted)")
     a("--out", help="run folder (default runs/<script>-<model>-seed<seed>)")
     a("--overwrite", action="store_true", help="replace the run in --out (other files stay)")
-    a("--resume", metavar="RUN_DIR", help="continue a stopped run or --seeds folder")
+    a("--resume", metavar="RUN_DIR", help="continue a stopped run with its own options")
     a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     a("--benchmark", action="store_true", help="time the steps at full size, random weights")
     a("--demo", action="store_true", help="offline demo: synthetic data, tiny random model")

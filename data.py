@@ -1,4 +1,4 @@
-"""Data for tumor-vlm: find the images, split them, decode them, make views, and find copies.
+"""Data for tumor-vlm: find the images, split them, decode them, make and cache views, find copies.
 
     python data.py synth --out ./synth --per-class 60      # MRI-like images, and lesions.csv
     python data.py audit --data DIR --out OUT              # test images that copy training ones
@@ -16,13 +16,13 @@ import csv
 import glob
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,7 @@ CLASS_ALIASES = {  # folder name, lower case with spaces/hyphens as "_" -> class
 UNLABELLED_FOLDERS = {"yes": "Br35H yes/: tumour of unknown type", "pred": "Br35H pred/: no label"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLIT_FOLDERS = {"training": "train", "train": "train", "testing": "test", "test": "test"}
+PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only; a log gets a line per phase
 
 # Augmentation of views 1..K-1 (the paper's Data Preprocessing list). Changing any number here
 # changes AUGMENTATION_ID, which is part of the feature-cache key, so no stale view is ever read.
@@ -88,33 +89,31 @@ def official_split_folders(root):
     return (found["train"], found["test"]) if len(found) == 2 else None
 
 
-def class_folder_files(root, also_allowed=()):
-    """[(class folder, image files, other files)] under root, at any depth, hidden ones skipped."""
-    folders = sorted(f for f in os.listdir(root) if os.path.isdir(os.path.join(root, f))
-                     and not f.startswith(".") and f != "__MACOSX")
-    unknown = [f for f in folders if not normalise_class_name(f) and f.lower() not in also_allowed]
-    if unknown or not folders:
-        raise SystemExit(f"error: {root}: found {', '.join(f + '/' for f in folders) or 'nothing'}"
-                         f"; need class folders {'/ '.join(CLASSES)}/ (or no_tumor/, no/, ...), "
-                         f"or Training/ and Testing/ holding them")
-    found = []
-    for folder in folders:
-        pattern = os.path.join(glob.escape(os.path.join(root, folder)), "**", "*")
-        files = [f for f in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(f)]
-        images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-        found.append((folder, images, sorted(set(files) - set(images))))
-    return found
-
-
-def find_images(data_dir, part=""):
-    """(samples sorted by path, non-image files) under data_dir/part/<class>/."""
-    relative = lambda path: os.path.relpath(path, data_dir).replace(os.sep, "/")
-    samples, non_images = [], []
-    for folder, images, others in class_folder_files(os.path.join(data_dir, part)):
-        label = CLASSES.index(normalise_class_name(folder))
-        samples += [Sample(relative(path), label) for path in images]
-        non_images += [relative(path) for path in others]
-    return sorted(samples, key=lambda s: s.path), non_images
+def find_images(data_dir, also_allowed=()):
+    """([(path, class folder, split folder or "")] of the images, by split, then path; [paths of
+    other files]) in class folders at any depth, in Training/ and Testing/ or in data_dir."""
+    images, others = [], []
+    for part in official_split_folders(data_dir) or [""]:
+        root = os.path.join(data_dir, part)
+        folders = sorted(f for f in os.listdir(root) if os.path.isdir(os.path.join(root, f))
+                         and not f.startswith(".") and f != "__MACOSX")
+        if not folders or any(not normalise_class_name(f) and f.lower() not in also_allowed
+                              for f in folders):
+            found = ", ".join(f + "/" for f in folders) or "nothing"
+            raise SystemExit(f"error: {root}: found {found}; need class folders "
+                             f"{'/ '.join(CLASSES)}/ (or no_tumor/, no/, ...), or Training/ and "
+                             f"Testing/ holding them")
+        found = []
+        for folder in folders:  # glob's "*" skips hidden files and folders
+            pattern = os.path.join(glob.escape(os.path.join(root, folder)), "**", "*")
+            for path in filter(os.path.isfile, sorted(glob.glob(pattern, recursive=True))):
+                relative = os.path.relpath(path, data_dir).replace(os.sep, "/")
+                if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append((relative, folder, part))
+                else:
+                    others.append(relative)
+        images += sorted(found)
+    return images, others
 
 
 def stratified_split(samples, fraction, seed):
@@ -130,23 +129,15 @@ def stratified_split(samples, fraction, seed):
     return sorted(rest, key=lambda s: s.path), sorted(part, key=lambda s: s.path)
 
 
-def read_csv_rows(path, columns):
-    """(line number, row dict) of a CSV file that must exist and have the given columns."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: no such file; expected a CSV with columns {columns}")
-    with open(path, newline="") as f:
+def read_split_csv(split_csv, data_dir):
+    """Splits of a CSV with columns path,label,split (paths relative to data_dir), row by row."""
+    parts, listed = {"train": [], "val": [], "test": []}, set()
+    with open(split_csv, newline="") as f:  # clip_tumor.py checked that it exists
         reader = csv.DictReader(f)
-        if not set(columns.split(",")) <= set(reader.fieldnames or []):
-            raise SystemExit(f"error: {path}: columns {reader.fieldnames}; need {columns}")
-        yield from enumerate(reader, start=2)
-
-
-def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
-    """Train/val/test samples of --data DIR; a class without train or test images is refused."""
-    official = official_split_folders(data_dir)
-    if split_csv:  # columns path,label,split; paths relative to data_dir
-        parts, listed = {"train": [], "val": [], "test": []}, set()
-        for line, row in read_csv_rows(split_csv, "path,label,split"):
+        if not {"path", "label", "split"} <= set(reader.fieldnames or []):
+            raise SystemExit(f"error: {split_csv}: columns {reader.fieldnames}; need "
+                             f"path,label,split")
+        for line, row in enumerate(reader, start=2):
             label = normalise_class_name(row["label"])
             if label is None or row["split"] not in parts:
                 raise SystemExit(f"error: {split_csv}:{line}: label {row['label']!r}, split "
@@ -159,16 +150,26 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
                                  f"each image belongs to one part")
             listed.add(row["path"])
             parts[row["split"]].append(Sample(row["path"], CLASSES.index(label)))
-        splits = Splits(parts["train"], parts["val"], parts["test"], f"split CSV {split_csv}", [])
-    elif official:
-        (train, non_train), (test, non_test) = (find_images(data_dir, f) for f in official)
-        splits = Splits(train, [], test, "official", non_train + non_test)
+    return Splits(parts["train"], parts["val"], parts["test"], f"split CSV {split_csv}", [])
+
+
+def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
+    """Train/val/test samples of --data DIR; a class without train or test images is refused."""
+    official = official_split_folders(data_dir)
+    if split_csv:
+        splits = read_split_csv(split_csv, data_dir)
     else:
-        samples, non_images = find_images(data_dir)
-        train, test = stratified_split(samples, 0.2, seed)
-        splits = Splits(train, [], test, f"seeded 80/20 (seed {seed})", non_images)
-    for k, part in enumerate(("train", "test")):
-        samples = getattr(splits, part)
+        images, non_images = find_images(data_dir)
+        samples = [Sample(path, CLASSES.index(normalise_class_name(folder)))
+                   for path, folder, _ in images]
+        if official:
+            train, test = ([s for s, image in zip(samples, images) if image[2] == part]
+                           for part in official)
+        else:
+            train, test = stratified_split(samples, 0.2, seed)
+        source = "official" if official else f"seeded 80/20 (seed {seed})"
+        splits = Splits(train, [], test, source, non_images)
+    for k, (part, samples) in enumerate((("train", splits.train), ("test", splits.test))):
         labels = {s.label for s in samples}
         missing = [name for label, name in enumerate(CLASSES) if label not in labels]
         if missing:  # name the folder the class's images should be in
@@ -221,10 +222,9 @@ def image_view(image, content_hash, view, image_size):
     digest = hashlib.sha1(f"{content_hash}:{view}".encode()).hexdigest()
     g = torch.Generator().manual_seed(int(digest[:15], 16))
     uniform = lambda low, high: low + (high - low) * torch.rand((), generator=g).item()
-    if torch.rand((), generator=g) < 0.5:
-        pixels = pixels.flip(-1)  # horizontal flip
-    if torch.rand((), generator=g) < 0.5:
-        pixels = pixels.flip(-2)  # vertical flip
+    for dim in (-1, -2):  # a horizontal, then a vertical flip, each with probability 1/2
+        if torch.rand((), generator=g) < 0.5:
+            pixels = pixels.flip(dim)
     pixels = TF.affine(pixels, angle=uniform(-ROTATION_DEGREES, ROTATION_DEGREES), translate=[0, 0],
                        scale=uniform(*ZOOM_RANGE), shear=[0.0, 0.0],
                        interpolation=TF.InterpolationMode.BILINEAR)
@@ -236,43 +236,21 @@ def image_view(image, content_hash, view, image_size):
 
 # ---- the feature cache: the frozen stem's outputs on disk --------------------------------
 
-PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only; a log gets a line per phase
-
-
 class FeatureCache:
     """Stem outputs on disk, one file per (image content, view), in a folder named by a hash of
-    all that determines them (model.cache_key, augmentation recipe, torch version). A probe
-    image's stem output, compared on every open, catches anything the key misses. Each entry
-    starts with the SHA-1 of its bytes, checked on every read: a damaged entry is recomputed."""
+    all that determines them: model.cache_key (the tower's printed architecture, a digest of its
+    frozen weights, ...), the augmentation recipe and the torch version. Each entry starts with
+    the SHA-1 of its bytes, checked on every read: a damaged entry is recomputed."""
 
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
-        self.dir = os.path.join(root, hashlib.sha1(json.dumps(key, sort_keys=True).encode())
-                                .hexdigest()[:16])
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.dir = os.path.join(root, digest[:16])
         os.makedirs(self.dir, exist_ok=True)
-        probe = torch.rand(1, 3, model.image_size, model.image_size,
-                           generator=torch.Generator().manual_seed(0)).to(model.mean.device)
-        with torch.no_grad():
-            probe = model.eval().stem(probe).float().cpu()[0]
-        stored = self.read(os.path.join(self.dir, "probe.bin"))
-        if stored is not None and not torch.allclose(stored, probe, rtol=1e-4, atol=1e-5):
-            print(f"feature cache {self.dir}: made by a stem that gives other outputs; rebuilding")
-            shutil.rmtree(self.dir)
-            os.makedirs(self.dir)
-        if stored is None or not os.path.exists(os.path.join(self.dir, "probe.bin")):
-            self.write(os.path.join(self.dir, "probe.bin"), probe.numpy())
-            stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
+        stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
 
     def path(self, content_hash, view):
         return os.path.join(self.dir, content_hash[:2], f"{content_hash}_v{view}.bin")
-
-    @staticmethod
-    def write(path, array):
-        buffer = io.BytesIO()
-        np.save(buffer, array)
-        payload = buffer.getvalue()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        stats.atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
 
     @staticmethod
     def read(path):
@@ -287,7 +265,13 @@ class FeatureCache:
         return torch.from_numpy(np.load(io.BytesIO(stored[20:]))).float()
 
     def put(self, content_hash, view, features):
-        self.write(self.path(content_hash, view), features.numpy().astype(np.float16))
+        """Store features as float16, after the SHA-1 of the stored bytes."""
+        buffer = io.BytesIO()
+        np.save(buffer, features.numpy().astype(np.float16))
+        payload = buffer.getvalue()
+        path = self.path(content_hash, view)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        stats.atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
 
 
 class Inputs:
@@ -301,23 +285,21 @@ class Inputs:
     def __len__(self):
         return len(self.samples)
 
-    def pixels(self, index, view):
-        sample = self.samples[index]
-        image = load_rgb(os.path.join(self.data_dir, sample.path))
-        return self.make_view(image, self.hashes[sample.path], view, self.model.image_size)
-
     def batch(self, indices, views):
-        if self.cache is None:
-            return torch.stack([self.pixels(i, v) for i, v in zip(indices, views)])
-        features = []
-        for i, v in zip(indices, views):
-            content_hash = self.hashes[self.samples[i].path]
-            feature = self.cache.read(self.cache.path(content_hash, v))
-            if feature is None:  # damaged or deleted since the build: recompute and store
-                store_stem(self.model, self.cache, [self.pixels(i, v)], [(content_hash, v)])
-                feature = self.cache.read(self.cache.path(content_hash, v))
-            features.append(feature)
-        return torch.stack(features)
+        """(B, 3, S, S) views without a cache, else their stem features read from the cache."""
+        items = []
+        for i, view in zip(indices, views):
+            path = self.samples[i].path
+            key = (self.hashes[path], view)
+            item = self.cache.read(self.cache.path(*key)) if self.cache else None
+            if item is None:  # no cache, or an entry damaged or deleted since the build
+                image = load_rgb(os.path.join(self.data_dir, path))
+                item = self.make_view(image, *key, self.model.image_size)
+                if self.cache:  # recompute and store it
+                    store_stem(self.model, self.cache, [item], [key])
+                    item = self.cache.read(self.cache.path(*key))
+            items.append(item)
+        return torch.stack(items)
 
     def logits(self, inputs):
         return self.model.top(inputs) if self.cache is not None else self.model(inputs)
@@ -332,9 +314,9 @@ def store_stem(model, cache, pixels, keys):
 
 
 def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
-    """Run the stem on every (image, view) of jobs {path: (content hash, view ids)} not yet
-    cached, each view made by make_view (image_view, or one that adds adversarial views); the
-    paths that could not be decoded (with skip_bad; else the first one stops)."""
+    """Run the stem on each (image, view) of jobs {path: (content hash, view ids)} not yet cached
+    (without a cache: only decode each image); returns the undecodable paths (with skip_bad;
+    else the first one stops)."""
     todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
             if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
     bad, decoded, started = [], {}, time.time()
@@ -343,18 +325,18 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
                       disable=not PROGRESS or not todo):
         pixels, keys = [], []
         for path, h, v in todo[start:start + batch_size]:
-            if path not in decoded:  # decode once, however many views it needs (todo is in
-                try:                 # path order, so only the last image is kept)
+            if path not in decoded:  # decoded once for all its views (todo is in path order,
+                try:                 # so only the last image is kept)
                     decoded = {path: load_rgb(os.path.join(data_dir, path))}
                 except DecodeError as error:
                     if not skip_bad:
                         raise SystemExit(f"error: {error}")
                     bad.append(path)
                     decoded = {path: None}
-            if decoded[path] is not None:
+            if decoded[path] is not None and cache:  # without a cache, only check decoding
                 pixels.append(make_view(decoded[path], h, v, model.image_size))
                 keys.append((h, v))
-        if pixels and cache:  # without a cache (--no-cache), only check that images decode
+        if pixels:
             store_stem(model, cache, pixels, keys)
     if todo and cache:
         print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
@@ -374,29 +356,25 @@ def synth_image(label, rng, size=96):
     draw.ellipse([cx - rx * 0.35, cy - ry * 0.2, cx + rx * 0.35, cy + ry * 0.2],
                  fill=int(rng.uniform(50, 70)))  # ventricles
     name, box = CLASSES[label], None
-    if name == "glioma":  # large, ring-enhancing, in one hemisphere
-        r = size * rng.uniform(0.12, 0.16)
+    if name == "glioma":  # large, ring-enhancing (a dark centre), in one hemisphere
+        r, tall, brightness = size * rng.uniform(0.12, 0.16), 1.2, (200, 240)
         x = cx + rng.choice([-1, 1]) * rx * rng.uniform(0.35, 0.5)
         y = cy + ry * rng.uniform(-0.4, 0.1)
-        box = [x - r, y - r * 1.2, x + r, y + r * 1.2]
-        draw.ellipse(box, fill=int(rng.uniform(200, 240)))
-        draw.ellipse([x - r * 0.55, y - r * 0.65, x + r * 0.55, y + r * 0.65], fill=30)
     elif name == "meningioma":  # a bright round mass at the edge
-        r = size * rng.uniform(0.08, 0.11)
+        r, tall, brightness = size * rng.uniform(0.08, 0.11), 1, (220, 255)
         angle = rng.uniform(-2.6, -0.5) if rng.uniform() < 0.5 else rng.uniform(0.5, 2.6)
         x, y = cx + (rx - r * 0.6) * math.sin(angle), cy - (ry - r * 0.6) * math.cos(angle)
-        box = [x - r, y - r, x + r, y + r]
-        draw.ellipse(box, fill=int(rng.uniform(220, 255)))
     elif name == "pituitary":  # a small blob below the centre
-        r = size * rng.uniform(0.045, 0.065)
+        r, tall, brightness = size * rng.uniform(0.045, 0.065), 1, (220, 255)
         x, y = cx + rng.uniform(-2, 2), cy + ry * rng.uniform(0.45, 0.6)
-        box = [x - r, y - r, x + r, y + r]
-        draw.ellipse(box, fill=int(rng.uniform(220, 255)))
+    if name != "notumor":  # box: whole pixels around the ellipse, inside the image
+        draw.ellipse([x - r, y - r * tall, x + r, y + r * tall], fill=int(rng.uniform(*brightness)))
+        box = (max(0, math.floor(x - r)), max(0, math.floor(y - r * tall)),
+               min(size, math.ceil(x + r)), min(size, math.ceil(y + r * tall)))
+    if name == "glioma":
+        draw.ellipse([x - r * 0.55, y - r * 0.65, x + r * 0.55, y + r * 0.65], fill=30)
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.2)))
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size, size))
-    if box:  # whole pixels around the ellipse, inside the image
-        box = (max(0, math.floor(box[0])), max(0, math.floor(box[1])),
-               min(size, math.ceil(box[2])), min(size, math.ceil(box[3])))
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), box
 
 
@@ -417,8 +395,7 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
                 path = f"{split}/{name}/{name}_{i:04d}.jpg"
                 image, box = synth_image(label, rng, size)
                 image.save(os.path.join(partial, path), quality=95)
-                if box:
-                    boxes.append((path, *box))
+                boxes += [(path, *box)] if box else []
     with open(os.path.join(partial, "lesions.csv"), "w", newline="") as f:
         csv.writer(f).writerows(boxes)
     try:
@@ -446,8 +423,6 @@ SIMILAR_THRESHOLD = 0.50    # score in [0.50, 0.90): alike, probably a neighbour
 SIGNATURE_CACHE = "leak_signatures.npz"   # pixel hashes and signatures, keyed by file SHA-1
 SIGNATURE_SETTINGS = f"thumb {THUMB_SIZE}, LCN sigma {LCN_SIGMA} floor {LCN_FLOOR}, float16"
 PAIR_COLUMNS = ("a_path", "b_path", "a_label", "b_label", "transform", "score", "kind")
-MANIFEST_COLUMNS = ("dest_path", "source_path", "source_dataset", "label", "status", "copy_of",
-                    "how")
 # T with T(a) ~ b: the 4 mirrors (MIRROR_DIMS: flipped dimensions) of a, then of a.T (flip_lr
 # of a.T is the clockwise quarter turn rot270, as np.rot90(a, 3); flip_ud of a.T is rot90)
 D4_NAMES = ("identity", "flip_lr", "flip_ud", "rot180", "transpose", "rot270", "rot90",
@@ -518,11 +493,10 @@ def load_signatures(data_dir, paths, cache_dir=None, file_hashes=None):
         cached.update(zip(missing, zip(hashes, signatures.numpy())))
         if cache_dir:  # written whole to a temporary file, then renamed: never half a file
             os.makedirs(cache_dir, exist_ok=True)
-            temporary = f"{cache_file}.{os.getpid()}.tmp.npz"
             entry_hashes, entry_signatures = zip(*cached.values())
-            np.savez(temporary, settings=SIGNATURE_SETTINGS, keys=list(cached),
-                     hashes=entry_hashes, signatures=np.stack(entry_signatures))
-            os.replace(temporary, cache_file)
+            stats.atomic_write(cache_file, lambda f: np.savez(
+                f, settings=SIGNATURE_SETTINGS, keys=list(cached), hashes=entry_hashes,
+                signatures=np.stack(entry_signatures)))
     signatures = np.array([cached[key][1] for key in keys], np.float16)
     signatures = torch.from_numpy(signatures).float().reshape(-1, THUMB_SIZE, THUMB_SIZE)
     return [cached[key][0] for key in keys], signatures
@@ -549,22 +523,21 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
             score = math.floor(best[i, j].item() * 1e4) / 1e4  # rounded down: keeps its kind
             found[start + i, first + j] = ("transformed" if score >= COPY_THRESHOLD else
                                            "similar", D4_NAMES[transform[i, j]], score)
-    groups = {}  # identical decoded pixels are exact, even where the score is not (flat images)
-    for index, digest in enumerate(hashes):
-        groups.setdefault(digest, []).append(index)
-    for i, j in (pair for group in groups.values() for pair in itertools.combinations(group, 2)):
-        if within or i < n_a <= j:  # i < j; across a and b: i in a, j in b
-            found[i, j - (0 if within else n_a)] = ("exact", "identity", 1.0)
+    seen = {}  # pixel hash -> indices: identical decoded pixels are exact, whatever the score
+    for j, digest in enumerate(hashes):  # (a flat image scores 0)
+        for i in seen.setdefault(digest, []):
+            if within or i < n_a <= j:  # i < j; across a and b: i in a, j in b
+                found[i, j - (0 if within else n_a)] = ("exact", "identity", 1.0)
+        seen[digest].append(j)
     return found
 
 
 def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None,
                                file_hashes=None):
-    """The test paths with an exact or transformed copy in train_paths, for any split (the rest is
-    the leak-free test set); 5 s for Kaggle's official split on 2 CPU cores once cached.
-    file_hashes: {path: file_hash(path)} when the caller has read them already."""
-    train_paths, test_paths = list(train_paths), list(test_paths)
-    hashes, signatures = load_signatures(data_dir, test_paths + train_paths, cache_dir,
+    """The test paths with an exact or transformed copy in train_paths (the rest: the leak-free
+    test set); file_hashes: {path: file_hash(path)} when the caller has read them already."""
+    test_paths = list(test_paths)
+    hashes, signatures = load_signatures(data_dir, test_paths + list(train_paths), cache_dir,
                                          file_hashes)
     pairs = find_pairs(hashes, signatures[:len(test_paths)], signatures[len(test_paths):])
     return {test_paths[i] for i, _ in pairs}
@@ -574,40 +547,36 @@ def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None
 
 def audit_images(data_dir):
     """[(path, class name, split folder or "")] of every image under --data DIR."""
-    images = []
-    for part in official_split_folders(data_dir) or [""]:
-        images += [(s.path, CLASSES[s.label], part) for s in find_images(data_dir, part)[0]]
-    return images
+    images = find_images(data_dir)[0]
+    return [(path, normalise_class_name(folder), part) for path, folder, part in images]
 
 
 def run_audit(data_dir, out_dir, cache_dir=None):
     """`data.py audit`: out_dir/pairs.csv (every exact, transformed or similar pair) and
     summary.json (images per split; per class, the test images with a copy in training)."""
-    images, cache_dir = audit_images(data_dir), cache_dir or out_dir
-    hashes, signatures = load_signatures(data_dir, [path for path, _, _ in images], cache_dir)
+    images = audit_images(data_dir)
+    hashes, signatures = load_signatures(data_dir, [path for path, _, _ in images],
+                                         cache_dir or out_dir)
     pairs = find_pairs(hashes, signatures, threshold=SIMILAR_THRESHOLD)
     rows = [(images[i][0], images[j][0], images[i][1], images[j][1], transform, score, kind)
             for (i, j), (kind, transform, score) in sorted(pairs.items())]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pairs.csv"), "w", newline="") as f:
         csv.writer(f).writerows([PAIR_COLUMNS] + rows)
-    parts = [part or "all" for _, _, part in images]
-    summary = {"data": os.path.abspath(data_dir),
-               "images": {part: parts.count(part) for part in sorted(set(parts))}}
+    per_part = Counter(part or "all" for _, _, part in images)
+    summary = {"data": os.path.abspath(data_dir), "images": dict(sorted(per_part.items()))}
     official = official_split_folders(data_dir)
     if official:  # a pair (i, j) has i < j: the training image first
         copied = {j for (i, j), (kind, _, _) in pairs.items() if kind != "similar"
                   and (images[i][2], images[j][2]) == official}
-        test = [k for k, (_, _, part) in enumerate(images) if part == official[1]]
-        summary["test_with_train_copy"] = {}
-        for name in ("all",) + CLASSES:
-            members = [k for k in test if name in ("all", images[k][1])]
-            summary["test_with_train_copy"][name] = {
-                "test_images": len(members), "with_copy": len(copied.intersection(members))}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    kinds = [row[-1] for row in rows]
-    counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("exact", "transformed", "similar"))
+        test = [(k, label) for k, (_, label, part) in enumerate(images) if part == official[1]]
+        summary["test_with_train_copy"] = {name: {
+            "test_images": sum(name in ("all", label) for _, label in test),
+            "with_copy": sum(name in ("all", label) and k in copied for k, label in test)}
+            for name in ("all",) + CLASSES}
+    stats.write_json(summary, os.path.join(out_dir, "summary.json"))
+    kinds = Counter(kind for *_, kind in rows)
+    counts = ", ".join(f"{kinds[k]} {k}" for k in ("exact", "transformed", "similar"))
     print(f"{len(rows)} pairs ({counts}) in {out_dir}/pairs.csv; {out_dir}/summary.json:\n"
           f"{json.dumps(summary, indent=1)}")
 
@@ -662,11 +631,9 @@ def merge_datasets(sources, out_dir):
     items = []  # (source name, file, label or None, skip reason), sources in order
     for number, source in enumerate(sources, start=1):
         name = f"{number}-{os.path.basename(os.path.normpath(source))}"  # unique, e.g. 2-br35h
-        for part in official_split_folders(source) or [""]:
-            root = os.path.join(source, part)
-            for folder, images, _ in class_folder_files(root, UNLABELLED_FOLDERS):
-                label, reason = normalise_class_name(folder), UNLABELLED_FOLDERS.get(folder.lower())
-                items += [(name, path, label, reason) for path in images]
+        for path, folder, _ in find_images(source, UNLABELLED_FOLDERS)[0]:
+            items.append((name, os.path.join(source, path), normalise_class_name(folder),
+                          UNLABELLED_FOLDERS.get(folder.lower())))
     labelled = [k for k, item in enumerate(items) if item[2]]
     hashes, signatures = load_signatures("", [items[k][1] for k in labelled])
     undecodable = {k for k, h in zip(labelled, hashes) if h.startswith("undecodable")}
@@ -697,12 +664,13 @@ def merge_datasets(sources, out_dir):
         rows.append((dest, path, name, label or "", status, copy_of, how))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "manifest.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([MANIFEST_COLUMNS] + rows)
-    status = [row[4].split(" ")[0] for row in rows]
+        csv.writer(f).writerows([("dest_path", "source_path", "source_dataset", "label", "status",
+                                  "copy_of", "how")] + rows)
+    status = Counter(row[4].split(" ")[0] for row in rows)
     conflicts = sum(row[4].endswith("(label conflict)") for row in rows)
-    print(f"wrote {out_dir}: {status.count('copied')} copied, {status.count('dropped')} dropped "
-          f"as copies of an earlier source's image ({conflicts} filed under another class), "
-          f"{status.count('skipped:')} skipped; see manifest.csv, split with `data.py split`")
+    print(f"wrote {out_dir}: {status['copied']} copied, {status['dropped']} dropped as copies of "
+          f"an earlier source's image ({conflicts} filed under another class), "
+          f"{status['skipped:']} skipped; see manifest.csv, split with `data.py split`")
 
 
 # ---- command line ------------------------------------------------------------------------------

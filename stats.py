@@ -35,22 +35,18 @@ def accuracy(y_true, y_pred):
 
 
 def confusion_matrix(y_true, y_pred, n_classes):
-    """Counts (..., C, C) of labels (..., N): [t, p] = images of true class t predicted as p."""
+    """Counts (C, C): [t, p] = images of true class t predicted as p."""
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     if not np.all((0 <= y_true) & (y_true < n_classes) & (0 <= y_pred) & (y_pred < n_classes)):
         raise SystemExit(f"error: a label is outside 0..{n_classes - 1}; pass every class name")
-    leading = y_true.shape[:-1]  # e.g. the bootstrap's resamples: one bincount of (row, t, p)
-    row_index = np.arange(int(np.prod(leading))).reshape(leading + (1,))  # (..., 1)
-    flat_index = (row_index * n_classes + y_true) * n_classes + y_pred    # (..., N)
-    counts = np.bincount(flat_index.ravel(), minlength=row_index.size * n_classes ** 2)
-    return counts.reshape(leading + (n_classes, n_classes))
+    counts = np.bincount(y_true * n_classes + y_pred, minlength=n_classes ** 2)  # index of (t, p)
+    return counts.reshape(n_classes, n_classes)
 
 
 def precision_recall_f1(y_true, y_pred, n_classes):
-    """Per-class precision, recall, F1 and support, each (..., C); 0/0 gives 0 (zero_division=0)."""
+    """Per-class precision, recall, F1 and support, each (C,); 0/0 gives 0 (zero_division=0)."""
     counts = confusion_matrix(y_true, y_pred, n_classes)
-    true_pos = np.diagonal(counts, axis1=-2, axis2=-1)
-    predicted, support = counts.sum(axis=-2), counts.sum(axis=-1)  # TP + FP, TP + FN
+    true_pos, predicted, support = np.diag(counts), counts.sum(axis=0), counts.sum(axis=1)
     f1 = _safe_divide(2 * true_pos, predicted + support)  # 2TP / (2TP + FP + FN)
     return _safe_divide(true_pos, predicted), _safe_divide(true_pos, support), f1, support
 
@@ -65,65 +61,43 @@ def macro_average(per_class, support):
 
 def top_k_accuracy(y_true, probs, k):
     """Share of images whose true class is among the k most probable; ties count as hits."""
-    probs, y_true = np.asarray(probs, dtype=float), np.asarray(y_true, dtype=int)
-    true_class_prob = probs[np.arange(len(y_true)), y_true]          # (N,)
+    true_class_prob = probs[np.arange(len(y_true)), y_true]           # (N,)
     n_classes_above = (probs > true_class_prob[:, None]).sum(axis=1)  # (N,); sklearn: ties by index
     return float(np.mean(n_classes_above < k))
 
 
-# ---- ranking metrics from probabilities: one-vs-rest ROC and precision-recall ------------------
-
-def _ranked_counts(is_positive, scores):
-    """(false_pos, true_pos) calling positive every score >= each distinct threshold, high to low,
-    and the thresholds. Tied scores share one: a tied pair moves ROC diagonally, half credit."""
-    is_positive, scores = np.asarray(is_positive, dtype=bool), np.asarray(scores, dtype=float)
-    order = np.argsort(-scores, kind="stable")
-    last_of_each_tie = np.r_[np.flatnonzero(np.diff(scores[order])), len(scores) - 1]
-    true_pos = np.cumsum(is_positive[order])[last_of_each_tie]
-    return last_of_each_tie + 1 - true_pos, true_pos, scores[order][last_of_each_tie]
-
-
-def roc_curve(is_positive, scores):
-    """ROC points (fpr, tpr, thresholds) from threshold +inf to the lowest score (NaN if 0/0)."""
-    false_pos, true_pos, thresholds = _ranked_counts(is_positive, scores)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fpr, tpr = np.r_[0, false_pos] / false_pos[-1], np.r_[0, true_pos] / true_pos[-1]
-    return fpr, tpr, np.r_[np.inf, thresholds]
-
-
-def pr_curve(is_positive, scores):
-    """PR points (precision, recall, thresholds), high to low from threshold +inf: (1, 0) there."""
-    false_pos, true_pos, thresholds = _ranked_counts(is_positive, scores)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = true_pos / true_pos[-1]
-    precision = true_pos / (true_pos + false_pos)  # never 0/0: each threshold calls >= 1 positive
-    return np.r_[1.0, precision], np.r_[0.0, recall], np.r_[np.inf, thresholds]
-
+# ---- ranking metrics from probabilities: one-vs-rest ROC AUC and average precision -------------
 
 def _one_vs_rest(y_true, probs, area):
     """area(is class c, probs[:, c]) per class, NaN for a class absent from y_true, and the mean."""
-    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     per_class = np.full(probs.shape[1], np.nan)
     for c in np.unique(y_true):
-        per_class[c] = area(y_true == c, probs[:, c])  # NaN for ROC when c is all of y_true
+        per_class[c] = area(y_true == c, probs[:, c])
     defined = per_class[~np.isnan(per_class)]
     return per_class, float(defined.mean()) if defined.size else np.nan
 
 
 def roc_auc_ovr(y_true, probs):
-    """One-vs-rest ROC AUC per class and macro: trapezoids over each threshold (sklearn's)."""
-    def trapezoid_area(is_positive, scores):
-        fpr, tpr, _ = roc_curve(is_positive, scores)
-        return np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
-    return _one_vs_rest(y_true, probs, trapezoid_area)
+    """One-vs-rest ROC AUC per class and macro: the share of (positive, negative) pairs scored in
+    the right order, a tie counting half (Mann-Whitney U; equals sklearn's trapezoids)."""
+    def pairs_in_order(is_positive, scores):
+        n_pos, n_neg = np.sum(is_positive), np.sum(~is_positive)
+        if n_neg == 0:  # c is all of y_true: no pair
+            return np.nan
+        ranks = scipy_stats.rankdata(scores)  # 1..N, tied scores share their average rank
+        # a positive's rank counts the images at or below it; less the positives, negatives below
+        return (np.sum(ranks[is_positive]) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return _one_vs_rest(y_true, probs, pairs_in_order)
 
 
 def average_precision(y_true, probs):
-    """One-vs-rest average precision per class and macro: sum_i (R_i - R_{i-1}) P_i (sklearn's)."""
-    def step_area(is_positive, scores):
-        precision, recall, _ = pr_curve(is_positive, scores)
-        return np.sum(np.diff(recall) * precision[1:])
-    return _one_vs_rest(y_true, probs, step_area)
+    """One-vs-rest average precision per class and macro: sklearn's sum_i (R_i - R_{i-1}) P_i over
+    distinct thresholds, i.e. the mean over positives of the precision at their own score."""
+    def mean_precision_at_positives(is_positive, scores):
+        called = scipy_stats.rankdata(-scores, method="max")  # images scoring >= each image
+        found = scipy_stats.rankdata(-scores[is_positive], method="max")  # positives among them
+        return np.mean(found / called[is_positive])
+    return _one_vs_rest(y_true, probs, mean_precision_at_positives)
 
 
 # ---- calibration -------------------------------------------------------------------------------
@@ -142,8 +116,7 @@ def calibration_bins(y_true, probs, n_bins=ECE_BINS):
 def expected_calibration_error(y_true, probs, n_bins=ECE_BINS):
     """ECE = sum over bins of (images in bin / N) |accuracy - mean confidence| (Guo et al. 2017)."""
     mean_confidence, bin_accuracy, count = calibration_bins(y_true, probs, n_bins)
-    gaps = np.abs(bin_accuracy - mean_confidence)[count > 0]
-    return float(np.sum(count[count > 0] / count.sum() * gaps))
+    return float(np.nansum(count / count.sum() * np.abs(bin_accuracy - mean_confidence)))
 
 
 def fit_temperature_and_offsets(logits, y_true):
@@ -162,12 +135,6 @@ def fit_temperature_and_offsets(logits, y_true):
     return float(np.exp(fitted[0])), fitted[1:] - fitted[1:].mean()
 
 
-def binary_f1(is_positive, called_positive):
-    """F1 = 2 TP / (2 TP + FP + FN) of a yes/no call (0 if nothing to find and nothing called)."""
-    true_pos = np.sum(np.logical_and(is_positive, called_positive))
-    return float(_safe_divide(2 * true_pos, np.sum(is_positive) + np.sum(called_positive)))
-
-
 def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_class="notumor"):
     """Fit on validation, score on test: T and per-class offsets b by NLL (probs = softmax(logits
     / T + b)), then the threshold t on P(tumour) = 1 - P(negative_class) with the best validation
@@ -176,6 +143,10 @@ def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_clas
         raise SystemExit(f"error: calibrate: {negative_class!r} is not one of {list(class_names)}; "
                          "pass the no-tumour class as negative_class")
     negative = list(class_names).index(negative_class)
+
+    def tumour_f1(y_true, called_tumour):  # F1 of the yes/no call: class 1 of (tumour?, called?)
+        return float(precision_recall_f1(y_true != negative, called_tumour, 2)[2][1])
+
     val_logits, test_logits = np.asarray(val_logits, float), np.asarray(test_logits, float)
     temperature, offsets = fit_temperature_and_offsets(val_logits, val_y)
     result = {"temperature": temperature, "offsets": dict(zip(class_names, offsets))}
@@ -186,13 +157,12 @@ def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_clas
             result[f"{split}_ece_{when}"] = expected_calibration_error(y_true, np.exp(log_probs))
     val_tumour = 1 - special.softmax(val_logits / temperature + offsets, axis=1)[:, negative]
     test_probs = special.softmax(test_logits / temperature + offsets, axis=1)  # (N, C)
-    val_is_tumour, test_is_tumour = np.asarray(val_y) != negative, np.asarray(test_y) != negative
     # only the validation scores themselves can change the call: try each, keep the best F1
     candidates = np.unique(val_tumour)
-    val_f1 = [binary_f1(val_is_tumour, val_tumour >= t) for t in candidates]
+    val_f1 = [tumour_f1(val_y, val_tumour >= t) for t in candidates]
     threshold = float(candidates[np.argmax(val_f1)])  # ties: the lowest such threshold
-    before = binary_f1(test_is_tumour, test_logits.argmax(axis=1) != negative)
-    after = binary_f1(test_is_tumour, 1 - test_probs[:, negative] >= threshold)
+    before = tumour_f1(test_y, test_logits.argmax(axis=1) != negative)
+    after = tumour_f1(test_y, 1 - test_probs[:, negative] >= threshold)
     return result | {"threshold": threshold, "test_probs": test_probs,
                      "test_tumour_f1_before": before, "test_tumour_f1_after": after}
 
@@ -251,7 +221,6 @@ def classification_report(y_true, y_pred, class_names):
 def mcnemar(correct_a, correct_b, continuity_correction=True):
     """McNemar's test; b, c = images right only in A, only in B. Exact p: two-sided binomial test
     of b ~ Bin(b + c, 1/2); chi2 = (|b - c| - 1)^2 / (b + c), 1 dof (-1: continuity correction)."""
-    correct_a, correct_b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
     exact_p, chi2, chi2_p = 1.0, 0.0, 1.0  # never disagreeing: no evidence either way
     if only_a + only_b > 0:
@@ -266,9 +235,9 @@ def mcnemar(correct_a, correct_b, continuity_correction=True):
 
 def bootstrap_ci(samples, statistic, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=SEED,
                  confidence_level=CONFIDENCE_LEVEL):
-    """(low, high) interval of statistic(*samples, axis=-1), the images of all samples resampled
+    """(low, high) interval of statistic(*samples[, axis]), the images of all samples resampled
     jointly by scipy.stats.bootstrap; a point interval when every resample gives one value."""
-    options = {"paired": True, "vectorized": True, "confidence_level": confidence_level}
+    options = {"paired": True, "confidence_level": confidence_level}
     result = scipy_stats.bootstrap(samples, statistic, n_resamples=n_resamples,
                                    method="percentile", rng=np.random.default_rng(seed), **options)
     if np.ptp(result.bootstrap_distribution) == 0:  # e.g. all correct: BCa is undefined
@@ -285,9 +254,9 @@ def accuracy_ci(correct, **bootstrap_options):
 
 
 def macro_f1_ci(y_true, y_pred, n_classes, **bootstrap_options):
-    """Interval of macro-F1 as metrics_dict defines it, recomputed on every resample at once."""
-    def macro_f1(true_rows, pred_rows, axis=-1):  # (resamples, N) -> (resamples,)
-        _, _, f1, support = precision_recall_f1(true_rows, pred_rows, n_classes)
+    """Interval of macro-F1 as metrics_dict defines it (over the classes present in a resample)."""
+    def macro_f1(true_resample, pred_resample):  # no axis argument: called once per resample
+        _, _, f1, support = precision_recall_f1(true_resample, pred_resample, n_classes)
         return macro_average(f1, support)
     return bootstrap_ci((np.asarray(y_true), np.asarray(y_pred)), macro_f1, **bootstrap_options)
 
@@ -400,7 +369,6 @@ def plot_reliability(y_true, probs_before, probs_after, path):
 def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, class_names,
                      header):
     """metrics.json, predictions.csv, report.txt (header + the paper's table) and the figures."""
-    y_test, test_probs = np.asarray(y_test, dtype=int), np.asarray(test_probs, dtype=float)
     y_pred = test_probs.argmax(axis=1)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
     with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as file:
@@ -454,7 +422,7 @@ def read_predictions(path):
         probs = np.array([[float(row["p_" + name]) for name in class_names] for row in rows])
     except (KeyError, ValueError) as error:
         raise SystemExit(f"error: {path}: bad label or probability ({error}); rewrite the file")
-    return [row["path"] for row in rows], y_true, y_pred, probs.reshape(len(rows), -1), class_names
+    return [row["path"] for row in rows], y_true, y_pred, probs, class_names
 
 
 # ---- compare two runs, summarise seeds ---------------------------------------------------------

@@ -10,7 +10,7 @@ From-scratch weights only: nothing is downloaded.
   caches nothing; the cache key names the stem (stages, weights).
 - Clear errors: an unknown stage (listing the stages) or model, --trainable-blocks (the ViTs'
   option) other than its default, a weights file of another architecture, a file that is not
-  weights at all (text, JPEG), an offline download.
+  weights at all (text, JPEG), an offline download, a stage split that is not timm's forward.
 - Runs (timm's 0.4 M-parameter test_resnet): `--demo --out X --epochs 5 ...` uses every option
   given, learns the synthetic set (>= 0.9, full fine-tuning) and writes X/ with epochs 5 in
   metrics.json; a --train-from run killed after epoch 1 resumes to the same result.
@@ -155,6 +155,16 @@ def test_cache_key_names_the_stem():
     assert len({json.dumps(m.cache_key, sort_keys=True) for m in (a, b, c)}) == 3
 
 
+def test_stages_that_do_not_chain_to_timms_forward_are_refused(monkeypatch):
+    """A model whose forward does more than chain its stages (here: features doubled)."""
+    features = timm.models.resnet.ResNet.forward_features
+    monkeypatch.setattr(timm.models.resnet.ResNet, "forward_features",
+                        lambda self, x: 2 * features(self, x))
+    with pytest.raises(SystemExit, match="--train-from layer4: resnet18's forward is not the chain"):
+        small_model("resnet18", "layer4")
+    assert small_model("resnet18")[1].no_cache  # every layer trains: timm's forward, nothing split
+
+
 def test_unknown_stage_and_unknown_model_are_clear():
     with pytest.raises(SystemExit, match="layer1, layer2, layer3, layer4$"):
         small_model("resnet18", "layer5")
@@ -170,8 +180,9 @@ def test_unknown_stage_and_unknown_model_are_clear():
 
 
 def test_local_weights_files(tmp_path):
-    """A torchvision state dict loads into timm's model (classifier replaced afterwards); another
-    architecture's file and files that are not weights at all stop with one clear message."""
+    """A torchvision state dict loads into timm's model (classifier replaced afterwards, so any
+    class count fits); another architecture's file and files that are not weights at all stop
+    with one clear message (torch's list of the keys that do not fit)."""
     torch.manual_seed(3)
     source = torchvision.models.resnet18()  # as saved from an ImageNet model: 1000 classes
     path = tmp_path / "resnet18.pth"
@@ -186,15 +197,18 @@ def test_local_weights_files(tmp_path):
     assert model.cache_key["weights"].startswith("file:")
     assert model.cache_key == other_seed.cache_key  # the fresh 4-class layer is not in the key
 
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "seven.pth")
+    assert small_model("resnet18", pretrained=str(tmp_path / "seven.pth"))[0].n_classes == 4
+
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "resnet34.pth")
-    with pytest.raises(SystemExit, match=r"does not fit ResNet: 0 missing key\(s\) \[\], \d+ "
-                                         r"unexpected \['layer1.2"):
+    with pytest.raises(SystemExit, match=r"resnet34.pth: not a state dict of resnet18 .*"
+                                         r"Unexpected key\(s\) in state_dict: .layer1.2.conv1"):
         small_model("resnet18", pretrained=str(tmp_path / "resnet34.pth"))
     (tmp_path / "notes.txt").write_text("these are not weights\n")
     Image.new("RGB", (8, 8)).save(tmp_path / "scan.jpg")
     for name in ("notes.txt", "scan.jpg", "missing.pth"):
-        with pytest.raises(SystemExit, match=f"error: --pretrained .*{name}: not a readable "
-                                             f"weights file .*torch.save"):
+        with pytest.raises(SystemExit, match=f"error: --pretrained .*{name}: not a state dict "
+                                             f"of resnet18 .*torch.save"):
             small_model("resnet18", pretrained=str(tmp_path / name))
 
 

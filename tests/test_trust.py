@@ -6,7 +6,7 @@
 - Runs: a diverging loss stops with a message (no NaN in metrics.json); --overwrite keeps the
   user's files and a failed input check deletes nothing; a live run's folder is refused; the
   default run name carries head and loss; early messages for a bad seed, device, --out, weights.
-- Resume: a run killed before its first checkpoint, an interrupted --seeds folder, a longer --epochs.
+- Resume: a run killed before its first checkpoint, a longer --epochs.
 - Issue 12: a run on class folders counts the test images with a copy in training (any split).
 - Local OpenAI weights: the -quickgelu model is named.
 """
@@ -192,26 +192,6 @@ def test_resume_before_the_first_checkpoint_and_with_more_epochs(small_dir, tiny
     longer = clip_tumor.main(["--resume", str(tmp_path / "early"), "--epochs", "2"])
     assert longer["epochs"] == 2 and longer["test"]["accuracy"] == whole["test"]["accuracy"]
     assert longer["test"]["loss"] == pytest.approx(whole["test"]["loss"], abs=1e-6)
-
-
-def test_resume_finishes_an_interrupted_seeds_run(small_dir, tiny_clip_config, tmp_path,
-                                                  monkeypatch):
-    out = tmp_path / "seeds"
-    original, calls = clip_tumor.run_one, []
-
-    def second_seed_killed(args, build_model, out_dir):
-        calls.append(args.seed)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(args, build_model, out_dir)
-
-    monkeypatch.setattr(clip_tumor, "run_one", second_seed_killed)
-    with pytest.raises(KeyboardInterrupt):
-        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--seeds", "3,4", "--out",
-            str(out))
-    monkeypatch.setattr(clip_tumor, "run_one", original)
-    summary = clip_tumor.main(["--resume", str(out)])
-    assert summary["n_runs"] == 2 and (out / "seed4" / "metrics.json").exists()
 
 
 def test_class_folder_run_reports_copies_across_its_random_split(tiny_clip_config, tmp_path):
