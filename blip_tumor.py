@@ -16,8 +16,8 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (AutoProcessor, BertTokenizer, BlipConfig, BlipForImageTextRetrieval,
-                          BlipImageProcessor, BlipProcessor)
+from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor,
+                          BlipProcessor)
 
 import clip_tumor
 import data
@@ -46,8 +46,7 @@ TINY_CONFIG = {"vision_config": {"hidden_size": 64, "intermediate_size": 256,
 def cls_only_layer(layer, tokens):
     """layer(tokens)[:, :1] of a BlipEncoderLayer without attention dropout (a test checks 1e-5):
     keys and values (rows [D, 3D) of the fused qkv) from all tokens, the rest for CLS alone."""
-    attn = layer.self_attn
-    batch, n_tokens, width = tokens.shape
+    attn, (batch, n_tokens, width) = layer.self_attn, tokens.shape
     normed = layer.layer_norm1(tokens)                                   # (B, 1 + H*W, D)
     query = F.linear(normed[:, :1], attn.qkv.weight[:width], attn.qkv.bias[:width])  # (B, 1, D)
     keys_values = F.linear(normed, attn.qkv.weight[width:], attn.qkv.bias[width:])  # (B, T, 2D)
@@ -64,11 +63,11 @@ class BLIPClassifier(nn.Module):
 
     def __init__(self, blip, processor, head, name, weights, image_size, trainable_blocks):
         super().__init__()
-        blip.eval().requires_grad_(False)
+        blip.eval().requires_grad_(False)  # what trains is switched back on below
         vision = blip.vision_model
         embeddings, layers = vision.embeddings, vision.encoder.layers
-        assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout is " \
-            f"on; the cached stem and the CLS-only last layer assume none (exactness)"
+        assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout is on; " \
+            f"the cached stem and the CLS-only last layer assume none (exactness)"
         if not 0 <= trainable_blocks <= len(layers):
             raise SystemExit(f"error: --trainable-blocks {trainable_blocks}: 0 to {len(layers)}")
         self.class_names, self.n_classes = data.CLASSES, len(data.CLASSES)
@@ -77,10 +76,9 @@ class BLIPClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         # the position table resized once for image_size, by transformers' own bicubic code
-        n_tokens = 1 + (image_size // embeddings.patch_size) ** 2
-        table = embeddings.interpolate_pos_encoding(
-            torch.zeros(1, n_tokens, embeddings.embed_dim), image_size, image_size)
-        embeddings.position_embedding = nn.Parameter(table.detach(), requires_grad=False)
+        tokens = torch.zeros(1, 1 + (image_size // embeddings.patch_size) ** 2, embeddings.embed_dim)
+        table = embeddings.interpolate_pos_encoding(tokens, image_size, image_size).detach()
+        embeddings.position_embedding = nn.Parameter(table, requires_grad=False)
         split = len(layers) - trainable_blocks
         self.stem_layers, self.top_layers = layers[:split], layers[split:]
         self.frozen_parts = [embeddings, self.stem_layers]  # a plain list: registered in vision
@@ -89,10 +87,9 @@ class BLIPClassifier(nn.Module):
         tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
         self.register_buffer("prompt_ids", tokens["input_ids"])          # (C, L)
         self.register_buffer("prompt_mask", tokens["attention_mask"])    # (C, L), 0 = padding
-        with torch.no_grad():  # ITC prompt embeddings: text encoder CLS -> text_proj, normalised
-            text = blip.text_encoder(self.prompt_ids, self.prompt_mask).last_hidden_state
-            class_prompts = F.normalize(blip.text_proj(text[:, 0]).float(), dim=-1)
-        self.register_buffer("class_prompts", class_prompts)            # (C, E)
+        with torch.no_grad():  # ITC prompt embeddings (C, E): text encoder CLS -> text_proj
+            text = blip.text_encoder(self.prompt_ids, self.prompt_mask).last_hidden_state[:, 0]
+            self.register_buffer("class_prompts", F.normalize(blip.text_proj(text), dim=-1))
         self.top_layers.requires_grad_(True)  # trainable: the last blocks, post-LayerNorm, head
         vision.post_layernorm.requires_grad_(True)
         if head == "cosine":
@@ -100,7 +97,7 @@ class BLIPClassifier(nn.Module):
             # BLIP's ITC temperature is not in the transformers checkpoint: start at 1 / 0.07
             self.logit_scale = nn.Parameter(torch.tensor(blip.config.logit_scale_init_value))
         elif head == "mlp":
-            self.head = nn.Sequential(nn.Linear(vision.config.hidden_size, MLP_HIDDEN),
+            self.head = nn.Sequential(nn.Linear(embeddings.embed_dim, MLP_HIDDEN),
                                       nn.BatchNorm1d(MLP_HIDDEN), nn.ReLU(),
                                       nn.Linear(MLP_HIDDEN, self.n_classes))
         elif head == "itm":  # the text tower is kept only where the head reads it
@@ -134,16 +131,14 @@ class BLIPClassifier(nn.Module):
         for i, layer in enumerate(self.top_layers, start=1):
             last = i == len(self.top_layers)
             tokens = cls_only_layer(layer, tokens) if last and cls_only else layer(tokens)
-        return self.classify(tokens)
+        return self.classify(self.vision.post_layernorm(tokens))
 
     def forward(self, images):
-        """The paper's way: the whole vision transformer on every token, every step."""
-        tokens = self.vision.embeddings((images - self.mean) / self.std)
-        return self.classify(self.vision.encoder(inputs_embeds=tokens).last_hidden_state)
+        """The paper's way: transformers' BlipVisionModel on every token, every step."""
+        return self.classify(self.vision((images - self.mean) / self.std).last_hidden_state)
 
     def classify(self, tokens):
-        """(B, T, D) output of the last block (T = 1 when only CLS was computed) -> (B, C)."""
-        tokens = self.vision.post_layernorm(tokens)  # BlipVisionModel's last_hidden_state
+        """(B, T, D) post-LayerNorm tokens (T = 1 when only CLS was computed) -> (B, C)."""
         if self.head_type == "mlp":
             return self.head(tokens[:, 0])
         if self.head_type == "cosine":  # BLIP's ITC score, scaled
@@ -168,11 +163,10 @@ def random_blip(**config):
 
 
 def write_tiny_weights(folder):
-    """Save the tiny random BLIP and its processor with save_pretrained, for --weights FOLDER."""
+    """The tiny random BLIP and its processor, saved for --weights FOLDER (--demo, the tests)."""
     torch.manual_seed(0)
-    blip, processor = random_blip(**TINY_CONFIG)
-    blip.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    for part in random_blip(**TINY_CONFIG):  # the model, then its processor
+        part.save_pretrained(folder)
     return folder
 
 
@@ -187,11 +181,10 @@ def build_model(args):
     weights, path = args.weights, os.path.expanduser(args.weights)
     try:
         blip, info = BlipForImageTextRetrieval.from_pretrained(path, output_loading_info=True)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = BlipProcessor.from_pretrained(path)
     except (OSError, ValueError) as error:  # offline, no such folder, not a BLIP folder, ...
         raise SystemExit(f"error: --weights {weights}: cannot load BLIP ({error!r:.200}); pass a "
-                         f"folder written by save_pretrained or `hf download {WEIGHTS} "
-                         f"--local-dir DIR`")
+                         f"save_pretrained folder or `hf download {WEIGHTS} --local-dir DIR`")
     new = [key for key in sorted(info["missing_keys"]) if key.startswith(USED_WEIGHTS[head])
            and not (head == "cosine" and ".crossattention." in key)]
     if new:

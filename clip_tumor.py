@@ -489,14 +489,6 @@ def check_arguments(args):
     return torch.device(device)
 
 
-def evaluate(inputs, logits, loss, class_names, keep=None):
-    """metrics_dict of one split's logits (of its samples where keep is True), with the loss."""
-    probs = torch.from_numpy(logits).softmax(-1).numpy()
-    y_true, keep = inputs.labels.numpy(), slice(None) if keep is None else keep
-    return dict(stats.metrics_dict(y_true[keep], probs[keep].argmax(1), probs[keep], class_names),
-                loss=loss)
-
-
 def run_one(args, build_model, out_dir):
     """One seed: splits, model, feature cache, training, evaluation, the run folder."""
     device = check_arguments(args)
@@ -563,48 +555,22 @@ def run_one(args, build_model, out_dir):
                "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
                if history else None, "cache_build_seconds": cache_seconds,
                "cached": cache is not None, "undecodable_skipped": len(bad), "val": None}
-    logits = {}
-    for name in ("train", "val", "test"):
-        if len(inputs[name]):
-            logits[name], loss = predict(inputs[name], args.batch_size)
-            metrics[name] = evaluate(inputs[name], logits[name], loss, model.class_names)
-    probs = torch.from_numpy(logits["test"]).softmax(-1).numpy()
-    # whatever the split, count the test images that copy a training or validation image
-    leaky = data.test_paths_with_train_copy(args.data, [s.path for s in parts["train"]] +
-                                            [s.path for s in parts["val"]],
-                                            [s.path for s in parts["test"]], args.cache_dir,
-                                            hashes)  # the files' SHA-1s, read once above
-    metrics["n_test_with_train_copy"] = len(leaky)
-    keep = np.array([s.path not in leaky for s in parts["test"]])
-    headline = f"test accuracy {metrics['test']['accuracy']:.4f}; {len(leaky)} of {len(keep)} " \
-               f"test images have an exact or transformed copy in training"
-    if leaky and keep.any():
-        metrics["test_leak_free"] = evaluate(inputs["test"], logits["test"],
-                                             metrics["test"]["loss"], model.class_names, keep)
-        metrics["test_leak_free"]["n_test_with_train_copy"] = len(leaky)
-        headline += f", on the other {keep.sum()}: {metrics['test_leak_free']['accuracy']:.4f}"
+    outputs = {name: (*predict(inputs[name], args.batch_size), inputs[name].labels.numpy())
+               for name in ("train", "val", "test") if len(inputs[name])}  # (logits, loss, y)
     if args.attack_eval:  # the chosen model under attack: the full network on [0, 1] pixels
         metrics.update(attacked_accuracy(model, inputs["test"], args))
-        fgsm, pgd = metrics["test_fgsm"], metrics["test_pgd"]
-        headline += f"; under FGSM {fgsm['accuracy']:.4f}, PGD {pgd['accuracy']:.4f} (clean " \
-                    f"{fgsm['clean_accuracy']:.4f} on those {fgsm['n_attacked']} images)"
+    # whatever the split, count the test images that copy a training or validation image
+    test_paths = [s.path for s in parts["test"]]
+    leaky = data.test_paths_with_train_copy(args.data, [s.path for s in parts["train"]] +
+                                            [s.path for s in parts["val"]], test_paths,
+                                            args.cache_dir, hashes)  # SHA-1s read once above
     if leaky and splits.source != "official" and not args.split:
         print("note: train and test share copies of images; `python data.py split "
               "--leak-free` writes a split that keeps each group of copies in one part")
-    header = f"{metrics['model']} seed {args.seed}, best epoch {best_epoch} chosen on the " \
-             f"{selection}\n{headline}\n" + (f"{len(bad)} undecodable image(s) skipped "
-                                              f"(--skip-bad): {', '.join(bad)}\n" if bad else "")
-    y_test = inputs["test"].labels.numpy()
-    if args.calibrate:  # temperature, class offsets and tumour threshold fitted on validation
-        metrics["calibration"] = stats.calibrate(logits["val"], inputs["val"].labels.numpy(),
-                                                 logits["test"], y_test, model.class_names)
-        calibrated = metrics["calibration"].pop("test_probs")
-    stats.write_run_folder(out_dir, metrics, history, [s.path for s in parts["test"]], y_test,
-                           probs, model.class_names, header)
-    if args.calibrate:  # the reliability diagram before and after
-        stats.plot_reliability(y_test, probs, calibrated, os.path.join(out_dir, "reliability.png"))
-    print(f"{headline}; macro-F1 {metrics['test']['macro_f1']:.4f} (epoch {best_epoch}, "
-          f"selected on the {selection}); results in {out_dir}/")
+    notes = f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}" if bad \
+        else ""
+    stats.report_run(out_dir, metrics, outputs, test_paths, leaky, model.class_names, history,
+                     args.calibrate, notes)
     shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
     os.remove(os.path.join(out_dir, ".lock"))
     return metrics

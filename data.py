@@ -73,7 +73,7 @@ class Splits:
     non_images: list           # files found in class folders that are not images (reported)
 
 
-# ---- finding images ----------------------------------------------------------------------------
+# ---- finding and splitting images --------------------------------------------------------------
 
 def normalise_class_name(name):
     """'No Tumor', 'no_tumor', 'glioma_tumor', ... -> a name in CLASSES, or None if unknown."""
@@ -90,8 +90,8 @@ def official_split_folders(root):
 
 
 def find_images(data_dir, also_allowed=()):
-    """([(path, class folder, split folder or "")] of the images, by split, then path; [paths of
-    other files]) in class folders at any depth, in Training/ and Testing/ or in data_dir."""
+    """([(path, class folder, split folder or "")] by split, then path; [other files' paths]):
+    class folders (any depth, hidden files skipped) in Training/ and Testing/, or in data_dir."""
     images, others = [], []
     for part in official_split_folders(data_dir) or [""]:
         root = os.path.join(data_dir, part)
@@ -130,7 +130,7 @@ def stratified_split(samples, fraction, seed):
 
 
 def read_split_csv(split_csv, data_dir):
-    """Splits of a CSV with columns path,label,split (paths relative to data_dir), row by row."""
+    """Splits of a CSV with columns path,label,split (paths relative to data_dir)."""
     parts, listed = {"train": [], "val": [], "test": []}, set()
     with open(split_csv, newline="") as f:  # clip_tumor.py checked that it exists
         reader = csv.DictReader(f)
@@ -138,16 +138,16 @@ def read_split_csv(split_csv, data_dir):
             raise SystemExit(f"error: {split_csv}: columns {reader.fieldnames}; need "
                              f"path,label,split")
         for line, row in enumerate(reader, start=2):
-            label = normalise_class_name(row["label"])
+            label, where = normalise_class_name(row["label"]), f"error: {split_csv}:{line}"
             if label is None or row["split"] not in parts:
-                raise SystemExit(f"error: {split_csv}:{line}: label {row['label']!r}, split "
-                                 f"{row['split']!r}; need a class {CLASSES}, train/val/test")
+                raise SystemExit(f"{where}: label {row['label']!r}, split {row['split']!r}; need "
+                                 f"a class {CLASSES}, train/val/test")
             if not os.path.isfile(os.path.join(data_dir, row["path"])):
-                raise SystemExit(f"error: {split_csv}:{line}: {row['path']} not found under "
-                                 f"{data_dir}; paths in a split CSV are relative to --data")
+                raise SystemExit(f"{where}: {row['path']} not found under {data_dir}; paths in a "
+                                 f"split CSV are relative to --data")
             if row["path"] in listed:
-                raise SystemExit(f"error: {split_csv}:{line}: {row['path']} is listed twice; "
-                                 f"each image belongs to one part")
+                raise SystemExit(f"{where}: {row['path']} is listed twice; each image belongs to "
+                                 f"one part")
             listed.add(row["path"])
             parts[row["split"]].append(Sample(row["path"], CLASSES.index(label)))
     return Splits(parts["train"], parts["val"], parts["test"], f"split CSV {split_csv}", [])
@@ -170,8 +170,7 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
         source = "official" if official else f"seeded 80/20 (seed {seed})"
         splits = Splits(train, [], test, source, non_images)
     for k, (part, samples) in enumerate((("train", splits.train), ("test", splits.test))):
-        labels = {s.label for s in samples}
-        missing = [name for label, name in enumerate(CLASSES) if label not in labels]
+        missing = [name for c, name in enumerate(CLASSES) if c not in {s.label for s in samples}]
         if missing:  # name the folder the class's images should be in
             where = split_csv or os.path.join(data_dir, official[k] if official else "", missing[0])
             raise SystemExit(f"error: {where}: no {missing[0]} image in the {part} split "
@@ -234,13 +233,13 @@ def image_view(image, content_hash, view, image_size):
     return (pixels + noise).clamp(0, 1)
 
 
-# ---- the feature cache: the frozen stem's outputs on disk --------------------------------
+# ---- the feature cache: the frozen stem's outputs on disk --------------------------------------
 
 class FeatureCache:
-    """Stem outputs on disk, one file per (image content, view), in a folder named by a hash of
-    all that determines them: model.cache_key (the tower's printed architecture, a digest of its
-    frozen weights, ...), the augmentation recipe and the torch version. Each entry starts with
-    the SHA-1 of its bytes, checked on every read: a damaged entry is recomputed."""
+    """Stem outputs, one file per (image content, view), in a folder named by a hash of all that
+    determines them: model.cache_key (the tower's printed architecture, a digest of its frozen
+    weights, ...), the augmentation recipe, the torch version. Each entry starts with the SHA-1
+    of its bytes, checked on every read: a damaged entry is recomputed."""
 
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
@@ -265,7 +264,6 @@ class FeatureCache:
         return torch.from_numpy(np.load(io.BytesIO(stored[20:]))).float()
 
     def put(self, content_hash, view, features):
-        """Store features as float16, after the SHA-1 of the stored bytes."""
         buffer = io.BytesIO()
         np.save(buffer, features.numpy().astype(np.float16))
         payload = buffer.getvalue()
@@ -285,21 +283,23 @@ class Inputs:
     def __len__(self):
         return len(self.samples)
 
+    def pixels(self, index, view):
+        sample = self.samples[index]
+        image = load_rgb(os.path.join(self.data_dir, sample.path))
+        return self.make_view(image, self.hashes[sample.path], view, self.model.image_size)
+
     def batch(self, indices, views):
-        """(B, 3, S, S) views without a cache, else their stem features read from the cache."""
-        items = []
-        for i, view in zip(indices, views):
-            path = self.samples[i].path
-            key = (self.hashes[path], view)
-            item = self.cache.read(self.cache.path(*key)) if self.cache else None
-            if item is None:  # no cache, or an entry damaged or deleted since the build
-                image = load_rgb(os.path.join(self.data_dir, path))
-                item = self.make_view(image, *key, self.model.image_size)
-                if self.cache:  # recompute and store it
-                    store_stem(self.model, self.cache, [item], [key])
-                    item = self.cache.read(self.cache.path(*key))
-            items.append(item)
-        return torch.stack(items)
+        if self.cache is None:
+            return torch.stack([self.pixels(i, v) for i, v in zip(indices, views)])
+        features = []
+        for i, v in zip(indices, views):
+            key = (self.hashes[self.samples[i].path], v)
+            feature = self.cache.read(self.cache.path(*key))
+            if feature is None:  # damaged or deleted since the build: recompute and store
+                store_stem(self.model, self.cache, [self.pixels(i, v)], [key])
+                feature = self.cache.read(self.cache.path(*key))
+            features.append(feature)
+        return torch.stack(features)
 
     def logits(self, inputs):
         return self.model.top(inputs) if self.cache is not None else self.model(inputs)
@@ -315,8 +315,7 @@ def store_stem(model, cache, pixels, keys):
 
 def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
     """Run the stem on each (image, view) of jobs {path: (content hash, view ids)} not yet cached
-    (without a cache: only decode each image); returns the undecodable paths (with skip_bad;
-    else the first one stops)."""
+    (no cache: only decode); returns the undecodable paths (skip_bad; else the first stops)."""
     todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
             if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
     bad, decoded, started = [], {}, time.time()
@@ -333,7 +332,7 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
                         raise SystemExit(f"error: {error}")
                     bad.append(path)
                     decoded = {path: None}
-            if decoded[path] is not None and cache:  # without a cache, only check decoding
+            if decoded[path] is not None and cache:
                 pixels.append(make_view(decoded[path], h, v, model.image_size))
                 keys.append((h, v))
         if pixels:
@@ -491,7 +490,7 @@ def load_signatures(data_dir, paths, cache_dir=None, file_hashes=None):
         signatures = torch.cat([lcn_signatures(thumbs[k:k + 1024]).half()
                                 for k in range(0, len(thumbs), 1024)])
         cached.update(zip(missing, zip(hashes, signatures.numpy())))
-        if cache_dir:  # written whole to a temporary file, then renamed: never half a file
+        if cache_dir:  # written to a temporary file, then renamed: never half a file
             os.makedirs(cache_dir, exist_ok=True)
             entry_hashes, entry_signatures = zip(*cached.values())
             stats.atomic_write(cache_file, lambda f: np.savez(
@@ -523,8 +522,8 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
             score = math.floor(best[i, j].item() * 1e4) / 1e4  # rounded down: keeps its kind
             found[start + i, first + j] = ("transformed" if score >= COPY_THRESHOLD else
                                            "similar", D4_NAMES[transform[i, j]], score)
-    seen = {}  # pixel hash -> indices: identical decoded pixels are exact, whatever the score
-    for j, digest in enumerate(hashes):  # (a flat image scores 0)
+    seen = {}  # pixel hash -> indices: identical decoded pixels are exact (flat images score 0)
+    for j, digest in enumerate(hashes):
         for i in seen.setdefault(digest, []):
             if within or i < n_a <= j:  # i < j; across a and b: i in a, j in b
                 found[i, j - (0 if within else n_a)] = ("exact", "identity", 1.0)
@@ -534,8 +533,8 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
 
 def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None,
                                file_hashes=None):
-    """The test paths with an exact or transformed copy in train_paths (the rest: the leak-free
-    test set); file_hashes: {path: file_hash(path)} when the caller has read them already."""
+    """The test paths with an exact or transformed copy in train_paths (the others are the
+    leak-free test set); file_hashes: {path: file_hash(path)} if the caller has read them."""
     test_paths = list(test_paths)
     hashes, signatures = load_signatures(data_dir, test_paths + list(train_paths), cache_dir,
                                          file_hashes)
@@ -575,7 +574,7 @@ def run_audit(data_dir, out_dir, cache_dir=None):
             "with_copy": sum(name in ("all", label) and k in copied for k, label in test)}
             for name in ("all",) + CLASSES}
     stats.write_json(summary, os.path.join(out_dir, "summary.json"))
-    kinds = Counter(kind for *_, kind in rows)
+    kinds = Counter(row[-1] for row in rows)
     counts = ", ".join(f"{kinds[k]} {k}" for k in ("exact", "transformed", "similar"))
     print(f"{len(rows)} pairs ({counts}) in {out_dir}/pairs.csv; {out_dir}/summary.json:\n"
           f"{json.dumps(summary, indent=1)}")

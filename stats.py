@@ -403,6 +403,48 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
         figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 
 
+def evaluate(logits, loss, y_true, class_names):
+    """metrics_dict of one split's logits (N, C), with its loss."""
+    probs = special.softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    return dict(metrics_dict(y_true, probs.argmax(1), probs, class_names), loss=loss)
+
+
+def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, history,
+               calibrate_on_val=False, notes=""):
+    """metrics (the run's facts so far) plus every split's metrics from outputs {split: (logits
+    (N, C), loss, labels (N,))}, the test part without a copy in training (leaky: the test paths
+    with one) and calibration fitted on validation; writes the run folder, prints the headline."""
+    for name, (logits, loss, y_true) in outputs.items():
+        metrics[name] = evaluate(logits, loss, y_true, class_names)
+    test_logits, test_loss, y_test = outputs["test"]
+    keep = np.array([path not in leaky for path in test_paths])
+    metrics["n_test_with_train_copy"] = len(leaky)
+    headline = f"test accuracy {metrics['test']['accuracy']:.4f}; {len(leaky)} of {len(keep)} " \
+               f"test images have an exact or transformed copy in training"
+    if leaky and keep.any():
+        metrics["test_leak_free"] = dict(evaluate(test_logits[keep], test_loss, y_test[keep],
+                                                  class_names), n_test_with_train_copy=len(leaky))
+        headline += f", on the other {keep.sum()}: {metrics['test_leak_free']['accuracy']:.4f}"
+    if "test_fgsm" in metrics:
+        fgsm, pgd = metrics["test_fgsm"], metrics["test_pgd"]
+        headline += f"; under FGSM {fgsm['accuracy']:.4f}, PGD {pgd['accuracy']:.4f} (clean " \
+                    f"{fgsm['clean_accuracy']:.4f} on those {fgsm['n_attacked']} images)"
+    probs = special.softmax(np.asarray(test_logits, dtype=np.float64), axis=1)
+    if calibrate_on_val:  # temperature, class offsets and tumour threshold fitted on validation
+        val_logits, _, y_val = outputs["val"]
+        metrics["calibration"] = calibrate(val_logits, y_val, test_logits, y_test, class_names)
+        calibrated = metrics["calibration"].pop("test_probs")
+    header = f"{metrics['model']} seed {metrics['seed']}, best epoch {metrics['best_epoch']} " \
+             f"chosen on the {metrics['selection']}\n{headline}\n{notes}"
+    write_run_folder(out_dir, metrics, history, test_paths, y_test, probs, class_names, header)
+    if calibrate_on_val:  # the reliability diagram before and after
+        plot_reliability(y_test, probs, calibrated, os.path.join(out_dir, "reliability.png"))
+    print(f"{headline}; macro-F1 {metrics['test']['macro_f1']:.4f} (epoch "
+          f"{metrics['best_epoch']}, selected on the {metrics['selection']}); results in "
+          f"{out_dir}/")
+    return metrics
+
+
 def read_predictions(path):
     """predictions.csv -> (paths, y_true, y_pred, probs (N, C), class names of the p_ columns)."""
     if not os.path.isfile(path):
