@@ -4,12 +4,11 @@
     python blip_tumor.py --demo                           # offline: synthetic data, tiny model
     python blip_tumor.py --benchmark                      # speeds at full size, random weights
 
-clip_tumor.py's method on BLIP's ViT-B/16 (blip-itm-base-coco, its 384 px position table resized
-to 224 once): the last 2 blocks, post-LayerNorm and vision_proj train; logits = scale x BLIP's ITC
-cosine(image, prompts through the frozen text encoder). `--head mlp`: the paper's code (768->512->4
-on CLS); `--head itm`: its "cross-attention" (each prompt's ITM "match" logit). `--benchmark` at
-224 on a 2-core CPU (one run, GEMM ~130 GFLOP/s): a cached step (block 12 for CLS only) 72.9 ms per
-image, the full network 348.8 ms (4.8x). `--demo` (one thread): 93.3% test accuracy in 20 s.
+clip_tumor.py's method on BLIP's ViT-B/16: the last 2 blocks, post-LayerNorm and vision_proj train;
+logits = scale x BLIP's ITC cosine(image, prompts through the frozen text encoder). `--head mlp`:
+the paper's code (768->512->4 on CLS); `--head itm`: its "cross-attention" (ITM match per prompt).
+`--benchmark` (224 px, one run, 2-core CPU, GEMM ~130 GFLOP/s): cached step (block 12 for CLS only)
+72.9 ms per image, full network 348.8 ms (4.8x). `--demo` (one thread): 93.3 % test accuracy, 20 s.
 """
 import os
 
@@ -21,21 +20,19 @@ from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval, 
 
 import clip_tumor
 import data
-from clip_tumor import MLP_HIDDEN, PROMPT, PROMPT_NAMES  # the same prompts and MLP head as CLIP
+from clip_tumor import MLP_HIDDEN, PROMPT, PROMPT_NAMES, tensor_digest  # as CLIP's
 
 WEIGHTS = "Salesforce/blip-itm-base-coco"  # Hugging Face id or local folder (save_pretrained)
 IMAGE_SIZE = 224         # "resize to 224 x 224"; the checkpoint itself is 384
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's, ids 0..4
-# The weights each head reads (key prefixes; cosine skips the text encoder's cross-attention)
 USED_WEIGHTS = {"cosine": ("vision_model.", "vision_proj.", "text_proj.", "text_encoder."),
                 "mlp": ("vision_model.",), "itm": ("vision_model.", "text_encoder.", "itm_head.")}
 
 # A tiny BLIP for --demo and the tests (std 0.125 ~ width^-1/2: at 0.02 blocks barely mix tokens)
-TINY_CONFIG = {"vision_config": {"hidden_size": 64, "intermediate_size": 256,
-                                 "num_hidden_layers": 4, "num_attention_heads": 4,
-                                 "image_size": 64, "patch_size": 8, "initializer_range": 0.125},
-               "text_config": {"vocab_size": 32, "hidden_size": 64, "intermediate_size": 256,
-                               "num_hidden_layers": 2, "num_attention_heads": 4,
+TINY_WIDTH = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4}
+TINY_CONFIG = {"vision_config": {**TINY_WIDTH, "num_hidden_layers": 4, "image_size": 64,
+                                 "patch_size": 8, "initializer_range": 0.125},
+               "text_config": {**TINY_WIDTH, "num_hidden_layers": 2, "vocab_size": 32,
                                "max_position_embeddings": 32, "bos_token_id": 2, "sep_token_id": 3,
                                "eos_token_id": 3, "initializer_range": 1.0},  # 0.02: prompts alike
                "image_text_hidden_size": 32, "initializer_range": 0.125}
@@ -63,11 +60,10 @@ class BLIPClassifier(nn.Module):
 
     def __init__(self, blip, processor, head, name, weights, image_size, trainable_blocks):
         super().__init__()
-        blip.eval().requires_grad_(False)  # what trains is switched back on below
-        vision = blip.vision_model
+        vision = blip.eval().requires_grad_(False).vision_model  # what trains is switched on below
         embeddings, layers = vision.embeddings, vision.encoder.layers
-        assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout is on; " \
-            f"the cached stem and the CLS-only last layer assume none (exactness)"
+        width = embeddings.embed_dim                                     # D
+        assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout must be 0"
         if not 0 <= trainable_blocks <= len(layers):
             raise SystemExit(f"error: --trainable-blocks {trainable_blocks}: 0 to {len(layers)}")
         self.class_names, self.n_classes = data.CLASSES, len(data.CLASSES)
@@ -76,12 +72,16 @@ class BLIPClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         # the position table resized once for image_size, by transformers' own bicubic code
-        tokens = torch.zeros(1, 1 + (image_size // embeddings.patch_size) ** 2, embeddings.embed_dim)
-        table = embeddings.interpolate_pos_encoding(tokens, image_size, image_size).detach()
-        embeddings.position_embedding = nn.Parameter(table, requires_grad=False)
+        shape = (1, 1 + (image_size // embeddings.patch_size) ** 2, width)  # (1, 1 + H*W, D)
+        table = embeddings.interpolate_pos_encoding(torch.zeros(shape), image_size, image_size)
+        embeddings.position_embedding = nn.Parameter(table.detach(), requires_grad=False)
         split = len(layers) - trainable_blocks
         self.stem_layers, self.top_layers = layers[:split], layers[split:]
         self.frozen_parts = [embeddings, self.stem_layers]  # a plain list: registered in vision
+        self.cache_key = {  # what the stem reads, nothing a head trains: one cache for all heads
+            "model": name, "weights": weights, "stem_blocks": split, "image_size": image_size,
+            "mean": list(mean), "std": list(std), "vision_config": vision.config.to_dict(),
+            "frozen_digest": tensor_digest(nn.ModuleList(self.frozen_parts).parameters())}
 
         prompts = [PROMPT.format(PROMPT_NAMES[c]) for c in self.class_names]
         tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
@@ -92,49 +92,38 @@ class BLIPClassifier(nn.Module):
             self.register_buffer("class_prompts", F.normalize(blip.text_proj(text), dim=-1))
         self.top_layers.requires_grad_(True)  # trainable: the last blocks, post-LayerNorm, head
         vision.post_layernorm.requires_grad_(True)
-        if head == "cosine":
+        if head == "cosine":  # BLIP's ITC temperature is not in the checkpoint: 1 / 0.07 to start
             self.vision_proj = blip.vision_proj.requires_grad_(True)
-            # BLIP's ITC temperature is not in the transformers checkpoint: start at 1 / 0.07
             self.logit_scale = nn.Parameter(torch.tensor(blip.config.logit_scale_init_value))
         elif head == "mlp":
-            self.head = nn.Sequential(nn.Linear(embeddings.embed_dim, MLP_HIDDEN),
-                                      nn.BatchNorm1d(MLP_HIDDEN), nn.ReLU(),
-                                      nn.Linear(MLP_HIDDEN, self.n_classes))
+            self.head = nn.Sequential(nn.Linear(width, MLP_HIDDEN), nn.BatchNorm1d(MLP_HIDDEN),
+                                      nn.ReLU(), nn.Linear(MLP_HIDDEN, self.n_classes))
         elif head == "itm":  # the text tower is kept only where the head reads it
             self.text_encoder = blip.text_encoder                        # frozen, gradients pass
             self.frozen_parts.append(self.text_encoder)
             self.itm_head = blip.itm_head.requires_grad_(True)
-        self.cache_key = {  # what the stem reads, nothing a head trains: one cache for all heads
-            "model": name, "weights": weights, "stem_blocks": split, "image_size": image_size,
-            "mean": list(mean), "std": list(std), "vision_config": vision.config.to_dict(),
-            "frozen_digest": clip_tumor.tensor_digest([*embeddings.parameters(),
-                                                       *self.stem_layers.parameters()])}
 
     def train(self, mode=True):
-        """Frozen parts stay in eval mode: the full path then equals the cached one."""
         super().train(mode)
-        for part in self.frozen_parts:
+        for part in self.frozen_parts:  # frozen parts stay in eval mode: full path = cached one
             part.eval()
         return self
 
-    def stem(self, images):
-        """The frozen part: embeddings and the first blocks. (B, 1 + H*W, D), cached on disk."""
+    def stem(self, images):  # the frozen part, cached on disk: embeddings and the first blocks
         x = self.vision.embeddings((images - self.mean) / self.std)      # (B, 1 + H*W, D)
         for layer in self.stem_layers:
             x = layer(x)
         return x
 
     def top(self, tokens, cls_only=True):
-        """Stem tokens -> (B, C) logits; the last block runs for CLS alone unless cls_only=False.
-        No block at all (--trainable-blocks 0) is a probe on the frozen features."""
+        """Stem tokens -> (B, C) logits; the last block runs for CLS alone unless cls_only=False."""
         cls_only = cls_only and self.head_type != "itm"  # itm cross-attends to every image token
         for i, layer in enumerate(self.top_layers, start=1):
             last = i == len(self.top_layers)
             tokens = cls_only_layer(layer, tokens) if last and cls_only else layer(tokens)
         return self.classify(self.vision.post_layernorm(tokens))
 
-    def forward(self, images):
-        """The paper's way: transformers' BlipVisionModel on every token, every step."""
+    def forward(self, images):  # the paper's way: transformers' BlipVisionModel, every step
         return self.classify(self.vision((images - self.mean) / self.std).last_hidden_state)
 
     def classify(self, tokens):
@@ -145,11 +134,10 @@ class BLIPClassifier(nn.Module):
             image = F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)  # (B, E)
             return self.logit_scale.exp() * image @ self.class_prompts.t()
         # itm as BlipForImageTextRetrieval(use_itm_head=True): itm_head(text CLS)[:, 1] per prompt
-        batch, classes = len(tokens), self.n_classes
-        pairs = tokens.repeat_interleave(classes, dim=0)                 # (B*C, 1 + H*W, D)
-        ids, mask = self.prompt_ids.repeat(batch, 1), self.prompt_mask.repeat(batch, 1)  # (B*C, L)
+        pairs = tokens.repeat_interleave(self.n_classes, dim=0)          # (B*C, 1 + H*W, D)
+        ids, mask = self.prompt_ids.repeat(len(tokens), 1), self.prompt_mask.repeat(len(tokens), 1)
         text = self.text_encoder(ids, mask, encoder_hidden_states=pairs).last_hidden_state
-        return self.itm_head(text[:, 0])[:, 1].view(batch, classes)
+        return self.itm_head(text[:, 0])[:, 1].view(len(tokens), self.n_classes)
 
 
 # ---- weights -----------------------------------------------------------------------------------
@@ -171,8 +159,7 @@ def write_tiny_weights(folder):
 
 
 def build_model(args):
-    """BLIPClassifier on --weights, a BlipForImageTextRetrieval checkpoint. Weights the head reads
-    that the checkpoint lacks (BlipModel's, captioning ones) would start random: refused."""
+    """BLIPClassifier on --weights, refused where weights the head reads would start random."""
     clip_tumor.set_seed(args.seed)
     head = "cosine" if args.epochs == 0 and args.head == "mlp" else args.head  # zero-shot
     if args.benchmark:  # full-size BLIP ViT-B/16, random weights: nothing to download
@@ -185,13 +172,12 @@ def build_model(args):
     except (OSError, ValueError) as error:  # offline, no such folder, not a BLIP folder, ...
         raise SystemExit(f"error: --weights {weights}: cannot load BLIP ({error!r:.200}); pass a "
                          f"save_pretrained folder or `hf download {WEIGHTS} --local-dir DIR`")
-    new = [key for key in sorted(info["missing_keys"]) if key.startswith(USED_WEIGHTS[head])
-           and not (head == "cosine" and ".crossattention." in key)]
+    new = sorted(key for key in info["missing_keys"] if key.startswith(USED_WEIGHTS[head]))
     if new:
         raise SystemExit(f"error: --weights {weights}: {len(new)} weight(s) that --head {head} "
                          f"reads are not in it and would start random: {', '.join(new[:10])}; "
                          f"use an image-text retrieval checkpoint such as {WEIGHTS}")
-    name = os.path.basename(os.path.normpath(weights))
+    name = os.path.basename(os.path.normpath(weights))  # the folder's name, e.g. blip-tiny
     return BLIPClassifier(blip, processor, head, name, weights, args.image_size,
                           args.trainable_blocks)
 
