@@ -90,8 +90,9 @@ def official_split_folders(root):
 
 
 def find_images(data_dir, also_allowed=()):
-    """([(path, class folder, split folder or "")] by split, then path; [other files' paths]):
-    class folders (any depth, hidden files skipped) in Training/ and Testing/, or in data_dir."""
+    """([(path, class, split folder or "")] by split, then path; [other files' paths]) of class
+    folders (any depth, hidden files skipped; also_allowed ones: class = folder name) in
+    Training/ and Testing/, or in data_dir."""
     images, others = [], []
     for part in official_split_folders(data_dir) or [""]:
         root = os.path.join(data_dir, part)
@@ -99,8 +100,8 @@ def find_images(data_dir, also_allowed=()):
                          and not f.startswith(".") and f != "__MACOSX")
         if not folders or any(not normalise_class_name(f) and f.lower() not in also_allowed
                               for f in folders):
-            found = ", ".join(f + "/" for f in folders) or "nothing"
-            raise SystemExit(f"error: {root}: found {found}; need class folders "
+            listing = ", ".join(f + "/" for f in folders) or "nothing"
+            raise SystemExit(f"error: {root}: found {listing}; need class folders "
                              f"{'/ '.join(CLASSES)}/ (or no_tumor/, no/, ...), or Training/ and "
                              f"Testing/ holding them")
         found = []
@@ -109,7 +110,7 @@ def find_images(data_dir, also_allowed=()):
             for path in filter(os.path.isfile, sorted(glob.glob(pattern, recursive=True))):
                 relative = os.path.relpath(path, data_dir).replace(os.sep, "/")
                 if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
-                    found.append((relative, folder, part))
+                    found.append((relative, normalise_class_name(folder) or folder.lower(), part))
                 else:
                     others.append(relative)
         images += sorted(found)
@@ -153,6 +154,13 @@ def read_split_csv(split_csv, data_dir):
     return Splits(parts["train"], parts["val"], parts["test"], f"split CSV {split_csv}", [])
 
 
+def write_csv(path, rows):
+    """rows (the header first) to the CSV file path, making its folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
 def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
     """Train/val/test samples of --data DIR; a class without train or test images is refused."""
     official = official_split_folders(data_dir)
@@ -160,8 +168,7 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
         splits = read_split_csv(split_csv, data_dir)
     else:
         images, non_images = find_images(data_dir)
-        samples = [Sample(path, CLASSES.index(normalise_class_name(folder)))
-                   for path, folder, _ in images]
+        samples = [Sample(path, CLASSES.index(label)) for path, label, _ in images]
         if official:
             train, test = ([s for s, image in zip(samples, images) if image[2] == part]
                            for part in official)
@@ -170,12 +177,12 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
         source = "official" if official else f"seeded 80/20 (seed {seed})"
         splits = Splits(train, [], test, source, non_images)
     for k, (part, samples) in enumerate((("train", splits.train), ("test", splits.test))):
-        missing = [name for c, name in enumerate(CLASSES) if c not in {s.label for s in samples}]
+        labels = {s.label for s in samples}
+        missing = [name for label, name in enumerate(CLASSES) if label not in labels]
         if missing:  # name the folder the class's images should be in
             where = split_csv or os.path.join(data_dir, official[k] if official else "", missing[0])
             raise SystemExit(f"error: {where}: no {missing[0]} image in the {part} split "
-                             f"({len(samples)} images in all); every class needs train and test "
-                             f"images: add them")
+                             f"({len(samples)} images in all); every class needs some: add them")
     if not split_csv:
         splits.train, splits.val = stratified_split(splits.train, val_fraction, seed)
     if val_fraction > 0 and not splits.val:
@@ -237,9 +244,8 @@ def image_view(image, content_hash, view, image_size):
 
 class FeatureCache:
     """Stem outputs, one file per (image content, view), in a folder named by a hash of all that
-    determines them: model.cache_key (the tower's printed architecture, a digest of its frozen
-    weights, ...), the augmentation recipe, the torch version. Each entry starts with the SHA-1
-    of its bytes, checked on every read: a damaged entry is recomputed."""
+    determines them: model.cache_key (the tower's printed architecture, its frozen weights' digest,
+    ...), augmentation, torch version. Entries start with their SHA-1, checked on every read."""
 
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
@@ -378,9 +384,8 @@ def synth_image(label, rng, size=96):
 
 
 def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
-    """Kaggle layout (per_class training, max(per_class // 4, 5) test images per class) and
-    lesions.csv (path,x0,y0,x1,y1; x1, y1 exclusive), written to out_dir.partial<pid> and renamed
-    when complete. A killed writer's .partial<pid> stays (never read; delete it)."""
+    """Kaggle layout (per_class training, max(per_class // 4, 5) test images per class), lesions.csv
+    (path,x0,y0,x1,y1; x1, y1 exclusive): out_dir.partial<pid>, renamed (a killed one stays)."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"error: {out_dir}: folder is not empty; choose a new --out")
     partial = f"{os.path.normpath(out_dir)}.partial{os.getpid()}"  # one per writer
@@ -394,9 +399,9 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
                 path = f"{split}/{name}/{name}_{i:04d}.jpg"
                 image, box = synth_image(label, rng, size)
                 image.save(os.path.join(partial, path), quality=95)
-                boxes += [(path, *box)] if box else []
-    with open(os.path.join(partial, "lesions.csv"), "w", newline="") as f:
-        csv.writer(f).writerows(boxes)
+                if box:
+                    boxes.append((path, *box))
+    write_csv(os.path.join(partial, "lesions.csv"), boxes)
     try:
         os.replace(partial, out_dir)  # one rename (it replaces an empty out_dir)
     except OSError:  # out_dir filled meanwhile: by another writer if it holds lesions.csv
@@ -407,13 +412,12 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
 
 
 # ---- finding copies: for audit, split --leak-free, merge, and every run's leak check ----------
-# Each image is decoded once to a 64 x 64 grey thumbnail (an exact area average of any size).
-# Its signature is a local contrast normalisation (LCN: minus a Gaussian local mean, over the
-# local std), which removes brightness, contrast, gamma and most sharpening and keeps where the
-# anatomy's edges are: that tells a copy from a neighbouring slice. The score of (a, b) is the
-# largest correlation of b's signature with the 8 flips/rotations of a's (the group D4); every
-# pair is scored. Calibrated on Kaggle's contact sheets: neighbouring slices score 0.50-0.87,
-# copies >= 0.92; in notumor (sharpened, contrast-stretched copies) 0.86 and up were copies.
+# Each image becomes a 64 x 64 grey thumbnail (an exact area average), then a signature: its local
+# contrast normalisation (LCN: minus a Gaussian local mean, over the local std) removes brightness,
+# contrast, gamma and most sharpening and keeps the anatomy's edges, which tell a copy from a
+# neighbouring slice. A pair's score is the largest correlation of b's signature with the 8
+# flips/rotations of a's (the group D4). Calibrated on Kaggle's contact sheets: neighbouring slices
+# score 0.50-0.87, copies >= 0.92; in notumor (sharpened, contrast-stretched copies) 0.86 and up.
 THUMB_SIZE = 64             # side of the grey thumbnail that signatures are computed on
 LCN_SIGMA = 2.0             # pixels (at 64 x 64): scale of the LCN's local mean and std
 LCN_FLOOR = 0.3             # floor of the local std (global std 1): JPEG noise stays small
@@ -533,8 +537,8 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
 
 def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None,
                                file_hashes=None):
-    """The test paths with an exact or transformed copy in train_paths (the others are the
-    leak-free test set); file_hashes: {path: file_hash(path)} if the caller has read them."""
+    """The test paths with an exact or transformed copy in train_paths (the rest is leak-free);
+    file_hashes: {path: file_hash(path)} when the caller has read them already."""
     test_paths = list(test_paths)
     hashes, signatures = load_signatures(data_dir, test_paths + list(train_paths), cache_dir,
                                          file_hashes)
@@ -544,24 +548,15 @@ def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None
 
 # ---- audit, leak-free split, merge -------------------------------------------------------------
 
-def audit_images(data_dir):
-    """[(path, class name, split folder or "")] of every image under --data DIR."""
-    images = find_images(data_dir)[0]
-    return [(path, normalise_class_name(folder), part) for path, folder, part in images]
-
-
 def run_audit(data_dir, out_dir, cache_dir=None):
     """`data.py audit`: out_dir/pairs.csv (every exact, transformed or similar pair) and
     summary.json (images per split; per class, the test images with a copy in training)."""
-    images = audit_images(data_dir)
-    hashes, signatures = load_signatures(data_dir, [path for path, _, _ in images],
-                                         cache_dir or out_dir)
-    pairs = find_pairs(hashes, signatures, threshold=SIMILAR_THRESHOLD)
+    images = find_images(data_dir)[0]
+    signatures = load_signatures(data_dir, [path for path, _, _ in images], cache_dir or out_dir)
+    pairs = find_pairs(*signatures, threshold=SIMILAR_THRESHOLD)
     rows = [(images[i][0], images[j][0], images[i][1], images[j][1], transform, score, kind)
             for (i, j), (kind, transform, score) in sorted(pairs.items())]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "pairs.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([PAIR_COLUMNS] + rows)
+    write_csv(os.path.join(out_dir, "pairs.csv"), [PAIR_COLUMNS] + rows)
     per_part = Counter(part or "all" for _, _, part in images)
     summary = {"data": os.path.abspath(data_dir), "images": dict(sorted(per_part.items()))}
     official = official_split_folders(data_dir)
@@ -600,11 +595,10 @@ def write_split(data_dir, out_csv, seed, leak_free, cache_dir=None):
     leak_free: copies (exact, transformed) form one group, and whole groups go to one part."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-    images = audit_images(data_dir)
-    links = np.zeros((0, 2), np.int64)  # (pairs, 2): the images of each pair of copies
-    if leak_free:
-        hashes, signatures = load_signatures(data_dir, [path for path, _, _ in images], cache_dir)
-        links = np.array(list(find_pairs(hashes, signatures)), np.int64).reshape(-1, 2)
+    images = find_images(data_dir)[0]
+    paths = [path for path, _, _ in images]
+    pairs = find_pairs(*load_signatures(data_dir, paths, cache_dir)) if leak_free else {}
+    links = np.array(list(pairs), np.int64).reshape(-1, 2)  # (pairs, 2): the images of each copy
     graph = coo_matrix((np.ones(len(links)), links.T), shape=(len(images), len(images)))
     n_groups, group_of = connected_components(graph, directed=False)
     counts = np.zeros((n_groups, len(CLASSES)), int)  # (groups, classes)
@@ -613,26 +607,23 @@ def write_split(data_dir, out_csv, seed, leak_free, cache_dir=None):
     part_of_group = assign_groups_to_parts(counts.argmax(1).tolist(), counts.sum(1).tolist(),
                                            (0.8, 0.1, 0.1), seed)
     parts = [("train", "val", "test")[part_of_group[group]] for group in group_of]
-    os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
-        csv.writer(f).writerows([("path", "label", "split")] + [
-            (path, label, part) for (path, label, _), part in zip(images, parts)])
+    write_csv(out_csv, [("path", "label", "split")] + [
+        (path, label, part) for (path, label, _), part in zip(images, parts)])
     print(f"wrote {out_csv}: {len(images)} images in {n_groups} groups, "
           f"{'leak-free' if leak_free else 'plain'} split (seed {seed})")
 
 
 def merge_datasets(sources, out_dir):
-    """`data.py merge` into out_dir/<class>/: an image with an exact or transformed copy in an
-    earlier source is dropped (copies within one source stay: `split --leak-free` groups them);
-    manifest.csv says for each file copied, dropped (copy_of, how) or skipped: why."""
+    """`data.py merge` into out_dir/<class>/, dropping images with a copy in an earlier source
+    (not within one: `split --leak-free` groups those); manifest.csv says what became of each."""
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise SystemExit(f"error: {out_dir}: exists and is not an empty folder; choose a new --out")
     items = []  # (source name, file, label or None, skip reason), sources in order
     for number, source in enumerate(sources, start=1):
         name = f"{number}-{os.path.basename(os.path.normpath(source))}"  # unique, e.g. 2-br35h
-        for path, folder, _ in find_images(source, UNLABELLED_FOLDERS)[0]:
-            items.append((name, os.path.join(source, path), normalise_class_name(folder),
-                          UNLABELLED_FOLDERS.get(folder.lower())))
+        for path, label, _ in find_images(source, UNLABELLED_FOLDERS)[0]:
+            reason = UNLABELLED_FOLDERS.get(label)
+            items.append((name, os.path.join(source, path), None if reason else label, reason))
     labelled = [k for k, item in enumerate(items) if item[2]]
     hashes, signatures = load_signatures("", [items[k][1] for k in labelled])
     undecodable = {k for k, h in zip(labelled, hashes) if h.startswith("undecodable")}
@@ -661,10 +652,8 @@ def merge_datasets(sources, out_dir):
             shutil.copyfile(path, os.path.join(out_dir, dest))
             kept[k], status = dest, "copied"
         rows.append((dest, path, name, label or "", status, copy_of, how))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "manifest.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([("dest_path", "source_path", "source_dataset", "label", "status",
-                                  "copy_of", "how")] + rows)
+    write_csv(os.path.join(out_dir, "manifest.csv"), [(
+        "dest_path", "source_path", "source_dataset", "label", "status", "copy_of", "how")] + rows)
     status = Counter(row[4].split(" ")[0] for row in rows)
     conflicts = sum(row[4].endswith("(label conflict)") for row in rows)
     print(f"wrote {out_dir}: {status['copied']} copied, {status['dropped']} dropped as copies of "

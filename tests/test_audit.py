@@ -206,7 +206,7 @@ def test_area_resize_is_an_exact_area_average_and_commutes_with_flips():
 def test_leak_check_official_split_cache_and_damaged_cache(leaky_dir, tmp_path, monkeypatch,
                                                            capsys):
     root, expected = leaky_dir
-    images = data.audit_images(root)
+    images = data.find_images(root)[0]
     train = [p for p, _, part in images if part == "Training"]
     test = [p for p, _, part in images if part == "Testing"]
     copies = {p for p, (_, kind, _) in expected.items() if kind != "similar"}
