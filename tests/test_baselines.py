@@ -163,6 +163,8 @@ def test_stages_that_do_not_chain_to_timms_forward_are_refused(monkeypatch):
     with pytest.raises(SystemExit, match="--train-from layer4: resnet18's forward is not the"):
         small_model("resnet18", "layer4")
     assert small_model("resnet18")[1].no_cache  # every layer trains: timm's forward, nothing split
+    with pytest.raises(SystemExit, match="--train-from blocks.1: test_vit's forward is not"):
+        small_model("test_vit", "blocks.1")  # its stages raise: a message, not a traceback
 
 
 def test_unknown_stage_and_unknown_model_are_clear():
