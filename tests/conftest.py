@@ -19,6 +19,13 @@ def synth_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_dir(tmp_path_factory):
+    """Kaggle layout, 8 training and 5 test images per class: runs take a second or two."""
+    return data.write_synthetic_dataset(str(tmp_path_factory.mktemp("small") / "data"),
+                                        per_class=8, seed=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "clip-tiny.json"
     path.write_text(json.dumps(clip_tumor.TINY_CONFIG))

@@ -100,15 +100,15 @@ def test_cached_adversarial_view_equals_the_one_made_on_the_fly(tiny_clip_config
     assert not torch.allclose(cached, clean, atol=2e-3, rtol=2e-3)  # it is not the plain view
 
 
-def test_attack_eval_reports_both_accuracies(tiny_clip_config, synth_dir, tmp_path, one_thread):
+def test_attack_eval_reports_both_accuracies(tiny_clip_config, small_dir, tmp_path, one_thread):
     out = tmp_path / "run"
-    metrics = clip_tumor.main(run_args(synth_dir, tiny_clip_config, tmp_path, "--epochs", "4",
+    metrics = clip_tumor.main(run_args(small_dir, tiny_clip_config, tmp_path, "--epochs", "2",
                                        "--out", str(out), "--adversarial", "fgsm",
-                                       "--attack-eval", "--attack-n", "20"))
+                                       "--attack-eval", "--attack-n", "8"))
     written = json.loads((out / "metrics.json").read_text())
     for key in ("test_fgsm", "test_pgd"):
         assert written[key] == metrics[key]
-        assert written[key]["n_attacked"] == 20  # 5 per class
+        assert written[key]["n_attacked"] == 8  # 2 per class
         assert written[key]["accuracy"] <= written[key]["clean_accuracy"]
     assert written["test_fgsm"]["eps"] == 0.01 and written["test_pgd"]["eps"] == 0.03
     assert written["test_pgd"]["steps"] == 7

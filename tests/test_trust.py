@@ -25,13 +25,6 @@ import clip_tumor
 import data
 
 
-@pytest.fixture(scope="module")
-def small_dir(tmp_path_factory):
-    """Kaggle layout, 8 training and 5 test images per class: runs take a second or two."""
-    return data.write_synthetic_dataset(str(tmp_path_factory.mktemp("small") / "data"),
-                                        per_class=8, seed=2)
-
-
 def run(small_dir, config, tmp_path, *extra):
     return clip_tumor.main(["--data", small_dir, "--model", config, "--pretrained", "none",
                             "--views", "2", "--lr", "1e-3", "--val-fraction", "0.25",
