@@ -8,9 +8,9 @@ The method of Swetha & Kumar, "Multimodal Brain Tumor Classification Using BLIP 
 bottom: the model, the feature cache, the training loop, the run. blip_tumor.py and baselines.py
 reuse everything but the model. The frozen blocks run once per image and view (the cache); a step
 runs block 11 on all tokens and block 12 for the CLS query only. Measured (`--benchmark`, ViT-B-16,
-batch 16, 2-core CPU at 125-138 GFLOP/s, median of 3 runs): a cached step 90.24 ms per image vs
-436.80 ms for the full network (4.8x); the stem 267 ms per image and view, once. `--demo`:
-1.000 test accuracy in 25-29 s. No accuracy with real pretrained weights has been measured here (offline).
+batch 16, 2-core CPU, median of 3 runs): a cached step 82.56 ms per image vs 403.57 ms for the
+full network (4.7x); the stem 263 ms per image and view, once; an FGSM view 785 ms. `--demo`:
+1.000 test accuracy in 25-30 s. No accuracy with real pretrained weights is measured here (offline).
 """
 import argparse
 import hashlib
