@@ -71,12 +71,6 @@ class CNNClassifier(nn.Module):
             features = stage(features)
         return self.network.forward_head(features)
 
-    def attention_blocks(self):  # none: attention rollout is for ViTs
-        return []
-
-    def explain_layer(self):  # Grad-CAM's activations: the last stage's output (B, K, h, w)
-        return (self.frozen_stages + self.trainable_stages)[-1][1], "output"
-
     def forward(self, images):  # the paper's way: timm's own forward, every step
         return self.network((images - self.mean) / self.std)
 

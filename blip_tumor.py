@@ -123,12 +123,6 @@ class BLIPClassifier(nn.Module):
             tokens = cls_only_layer(layer, tokens) if last and cls_only else layer(tokens)
         return self.classify(self.vision.post_layernorm(tokens))
 
-    def attention_blocks(self):
-        return list(self.vision.encoder.layers)
-
-    def explain_layer(self):  # Grad-CAM's activations: the tokens entering the last block
-        return self.vision.encoder.layers[-1], "input"
-
     def forward(self, images):  # the paper's way: transformers' BlipVisionModel, every step
         return self.classify(self.vision((images - self.mean) / self.std).last_hidden_state)
 

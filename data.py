@@ -411,27 +411,6 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
     return out_dir
 
 
-def read_lesion_boxes(csv_path):
-    """{image path: (x0, y0, x1, y1)} of a CSV path,x0,y0,x1,y1 like lesions.csv: pixels of the
-    image file, x1 and y1 exclusive, paths relative to the folder the images are under."""
-    if not os.path.isfile(csv_path):
-        raise SystemExit(f"error: {csv_path}: no such file; expected a CSV path,x0,y0,x1,y1")
-    boxes = {}
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not {"path", "x0", "y0", "x1", "y1"} <= set(reader.fieldnames or []):
-            raise SystemExit(f"error: {csv_path}: columns {reader.fieldnames}; need "
-                             f"path,x0,y0,x1,y1")
-        for line, row in enumerate(reader, start=2):
-            box = [(row[k] or "").strip() for k in ("x0", "y0", "x1", "y1")]
-            if not all(v.isdigit() for v in box) or row["path"] in boxes or \
-                    not (int(box[0]) < int(box[2]) and int(box[1]) < int(box[3])):
-                raise SystemExit(f"error: {csv_path}:{line}: box {box} of {row['path']}; need "
-                                 f"whole pixels 0 <= x0 < x1, 0 <= y0 < y1, one row per image")
-            boxes[row["path"]] = tuple(int(v) for v in box)
-    return boxes
-
-
 # ---- finding copies: for audit, split --leak-free, merge, and every run's leak check ----------
 # Each image becomes a 64 x 64 grey thumbnail (an exact area average), then a signature: its local
 # contrast normalisation (LCN: minus a Gaussian local mean, over the local std) removes brightness,
