@@ -703,6 +703,8 @@ def parse_args(parser, argv=None, **demo_model_defaults):
             data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
         defaults = dict(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
                         views=2, lr=1e-3, overwrite=True)
+        if args.trainable_blocks == 0:  # a probe, as CLIP's: plain view, trained to convergence
+            defaults.update(views=1, lr=1e-2, epochs=300, warmup_epochs=0)  # 0.07 s an epoch
         defaults.update({key: value(DEMO_DIR) if callable(value) else value
                          for key, value in demo_model_defaults.items()})
         parser.set_defaults(**defaults)

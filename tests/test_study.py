@@ -108,3 +108,15 @@ def test_biomedclip_style_downloaded_folder_loads_with_local_dir(tmp_path):
     assert model.trunk is not None and model.cache_key["weights"].startswith("file:")
     assert torch.equal(model.trunk.blocks[0].attn.qkv.weight,
                        reference.visual.trunk.blocks[0].attn.qkv.weight)
+
+
+def test_demo_linear_probe_trains_as_a_probe_and_the_options_given_win():
+    """--demo --trainable-blocks 0: CLIP's linear-probe recipe (the plain view, trained to
+    convergence: 300 epochs at 1e-2, no warm-up; 0.07 s an epoch), unless options say otherwise."""
+    parse = lambda *argv: clip_tumor.parse_args(clip_tumor.make_parser("demo"), list(argv))
+    args = parse("--demo", "--trainable-blocks", "0")
+    assert (args.views, args.lr, args.epochs, args.warmup_epochs) == (1, 1e-2, 300, 0)
+    args = parse("--demo", "--trainable-blocks", "0", "--epochs", "5", "--views", "3")
+    assert (args.views, args.lr, args.epochs) == (3, 1e-2, 5)
+    args = parse("--demo")
+    assert (args.views, args.lr, args.epochs) == (2, 1e-3, 20)
