@@ -517,7 +517,7 @@ def run_one(args, build_model, out_dir):
     cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
     jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
     view_ids, make_view = list(range(args.views)), data.image_view
-    if args.adversarial != "none" and cache is not None:  # one cached adversarial view per image
+    if args.adversarial != "none" and cache and args.epochs:  # one cached adversarial view each
         make_view, view_id = adversarial_view_maker(args, build_model, device,
                                                     {hashes[s.path]: s.label for s in splits.train})
         view_ids.append(view_id)

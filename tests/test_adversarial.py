@@ -185,3 +185,13 @@ def test_adversarial_training_in_the_loop_is_more_robust(tmp_path, method):
         with torch.no_grad():
             accuracy[training] = (model(attacked).argmax(-1) == test_labels).float().mean().item()
     assert accuracy[method] > accuracy["none"] + 0.2, accuracy  # measured: 0.50, 0.53 vs 0.21
+
+
+@pytest.mark.parametrize("option, value", [("--eps", "-0.01"), ("--pgd-eps", "0"),
+                                           ("--pgd-steps", "0"), ("--attack-n", "0")])
+def test_attack_options_out_of_range_are_named(tiny_clip_config, small_dir, tmp_path, option,
+                                               value):
+    with pytest.raises(SystemExit, match=f"{option}"):
+        clip_tumor.main(run_args(small_dir, tiny_clip_config, tmp_path, "--out",
+                                 str(tmp_path / "run"), "--adversarial", "pgd", option, value))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
