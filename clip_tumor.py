@@ -401,13 +401,13 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
         state = {k: checkpoint[k] for k in state}
 
     n, history = len(train_inputs), state["history"]
+    view_ids = view_ids or list(range(args.views))
     steps = max(n // args.batch_size, 1)  # drop the ragged last batch (BatchNorm needs > 1)
     for epoch in range(state["epoch"], args.epochs):
         started = time.time()
         # batch order and views come from (seed, epoch) alone, so a resumed run replays them
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         order = torch.randperm(n, generator=g).tolist()
-        view_ids = view_ids or list(range(args.views))
         views = [view_ids[k] for k in torch.randint(0, len(view_ids), (n,), generator=g).tolist()]
         model.train()
         seen, correct, total_loss = 0, 0, 0.0
@@ -472,9 +472,9 @@ def check_arguments(args):
         ("shots", args.shots, args.shots is None or args.shots >= 1, "1 or more"),
         ("attack-n", args.attack_n, args.attack_n is None or args.attack_n >= 1, "1 or more"),
         ("pgd-steps", args.pgd_steps, args.pgd_steps >= 1, "1 or more"),
-        ("eps", (args.eps, args.pgd_step_size, args.pgd_eps),
-         min(args.eps, args.pgd_step_size, args.pgd_eps) > 0, "--eps, --pgd-step-size and "
-         "--pgd-eps must be positive ([0, 1] pixel units)"),
+        ("eps", args.eps, args.eps > 0, "positive, in [0, 1] pixel units (paper: 0.01)"),
+        ("pgd-eps", args.pgd_eps, args.pgd_eps > 0, "positive, in [0, 1] pixel units"),
+        ("pgd-step-size", args.pgd_step_size, args.pgd_step_size > 0, "positive"),
         ("calibrate", "", not args.calibrate or args.select_on == "val",
          "needs the validation split (not --select-on test)"),
         ("data", args.data, args.data is not None, "missing: pass the dataset folder (or --demo)"))
