@@ -6,7 +6,8 @@
 
 No recipe in the paper (ResNet-50 95.81 %, Xception 97.43 %, DenseNet-121 96.92 %): CLIP's, from
 timm's ImageNet weights, every layer trained. `--demo` (from scratch, 64 px, 10 epochs, one thread,
-2-core CPU): 100 % test accuracy each; resnet50 in 139 s, densenet121 in 110 s, xception in 151 s.
+2-core CPU): 98.3 % test accuracy in 149 s (resnet50), 100 % in 115 s (densenet121), 98.3 % in 146 s
+(xception).
 """
 import timm
 import torch
@@ -70,6 +71,12 @@ class CNNClassifier(nn.Module):
         for _, stage in self.trainable_stages:
             features = stage(features)
         return self.network.forward_head(features)
+
+    def attention_blocks(self):  # none: attention rollout is for ViTs
+        return []
+
+    def explain_layer(self):  # Grad-CAM's activations: the last stage's output (B, K, h, w)
+        return (self.frozen_stages + self.trainable_stages)[-1][1], "output"
 
     def forward(self, images):  # the paper's way: timm's own forward, every step
         return self.network((images - self.mean) / self.std)

@@ -33,6 +33,20 @@ def tiny_clip_config(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_clip_run(synth_dir, tiny_clip_config, tmp_path_factory):
+    """(run folder, metrics) of the tiny CLIP trained 12 epochs on synth_dir (the plain view):
+    test_clip.py checks that it learns, test_explain.py that its attention finds the lesions."""
+    import torch
+    folder, threads = tmp_path_factory.mktemp("trained-clip"), torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture: a tiny model gains nothing from two
+    metrics = clip_tumor.main(["--data", synth_dir, "--model", tiny_clip_config, "--pretrained",
+                               "none", "--views", "1", "--lr", "1e-3", "--epochs", "12",
+                               "--cache-dir", str(folder / "cache"), "--out", str(folder / "run")])
+    torch.set_num_threads(threads)
+    return folder / "run", metrics
+
+
+@pytest.fixture(scope="session")
 def tiny_blip_weights(tmp_path_factory):
     """A tiny random BlipForImageTextRetrieval + processor folder, loaded like real weights."""
     import blip_tumor

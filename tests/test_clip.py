@@ -123,11 +123,8 @@ def test_interrupted_cache_write_leaves_no_entry(tiny_clip_config, tmp_path, mon
     assert not os.path.exists(cache.path("ab" * 20, 0)) and os.listdir(folder) == []
 
 
-def test_training_learns_synthetic_set_and_writes_run_folder(tiny_clip_config, synth_dir,
-                                                             tmp_path):
-    out = tmp_path / "run"
-    metrics = clip_tumor.main(run_args(synth_dir, tiny_clip_config, tmp_path, "--epochs", "20",
-                                       "--out", str(out)))
+def test_training_learns_synthetic_set_and_writes_run_folder(trained_clip_run):
+    out, metrics = trained_clip_run  # conftest.py: 12 epochs, 1 view, lr 1e-3
     assert metrics["test"]["accuracy"] >= 0.9
     for name in ("config.json", "metrics.json", "predictions.csv", "report.txt",
                  "confusion_matrix.png", "curves.png", "checkpoint.pt", "best.pt"):
@@ -279,7 +276,7 @@ def test_demo_defaults_yield_to_the_options_given(tmp_path, monkeypatch, capsys)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["seed"] == 7 and not (tmp_path / "runs").exists()
     config = json.loads((out / "config.json").read_text())
-    assert config["args"]["data"].endswith("data") and config["args"]["cache_dir"]
+    assert config["args"]["data"].endswith("data-v2") and config["args"]["cache_dir"]
     log = capsys.readouterr()
     text = log.out + log.err
     assert text.count("\r") <= 50 and len(text.splitlines()) <= 200

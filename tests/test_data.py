@@ -20,6 +20,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import uniform_filter
 from PIL import Image
 
 import data
@@ -188,13 +189,17 @@ def test_synth_command_writes_kaggle_layout_and_lesion_boxes(tmp_path):
         boxes = {row[0]: tuple(map(int, row[1:])) for row in list(csv.reader(f))[1:]}
     assert len(boxes) == 3 * (8 + 5) and "Testing/glioma/glioma_0003.jpg" in boxes
     assert not any("notumor" in path for path in boxes)
+    scalp_brightest = []
     for path, (x0, y0, x1, y1) in boxes.items():  # the box holds the bright lesion
         pixels = np.asarray(Image.open(tmp_path / "s" / path), dtype=np.float64)
         inside = np.zeros(pixels.shape, bool)
         inside[y0:y1, x0:x1] = True
         assert pixels[inside].mean() > pixels[~inside].mean() + 30, path
-        assert inside[np.unravel_index(pixels.argmax(), pixels.shape)], path
+        smooth = uniform_filter(pixels, 3)  # 3 x 3 means: the noise (sd 20) averaged out
+        assert smooth[inside].max() > np.median(pixels[pixels > 25]) + 50, path  # above brain
+        scalp_brightest.append(not inside[np.unravel_index(smooth.argmax(), smooth.shape)])
         assert 0 < (x1 - x0) * (y1 - y0) < 0.2 * pixels.size
+    assert np.mean(scalp_brightest) >= 0.9  # the scalp, not the lesion, is the brightest tissue
     with pytest.raises(SystemExit, match="not empty"):
         data.main(["synth", "--out", str(tmp_path / "s")])
 
