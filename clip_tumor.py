@@ -517,6 +517,19 @@ def folder_label(path):
     return data.normalise_class_name(os.path.basename(os.path.dirname(path)))
 
 
+def decode_images(paths, root=""):
+    """({path: RGB image} of the paths under root that decode, [the others]); each one skipped is
+    named in a note (view 0, the resized image, needs no content hash: no file hash is read)."""
+    images, undecodable = {}, []
+    for path in paths:
+        try:
+            images[path] = data.load_rgb(os.path.join(root, path))
+        except data.DecodeError:
+            undecodable.append(path)
+            print(f"note: {os.path.join(root, path)}: cannot decode image; skipped (listed)")
+    return images, undecodable
+
+
 def refuse_to_replace(path, args, what):
     if os.path.exists(path) and not args.overwrite:
         raise SystemExit(f"error: {path}: exists; pass --overwrite to replace {what}, or --out")
@@ -541,15 +554,11 @@ def predict_folder(args, build_model, script):
     paths = images_under(args.predict)
     for start in tqdm(range(0, len(paths), options.batch_size), desc="predict", leave=False,
                       disable=not data.PROGRESS):
-        pixels, decoded = [], []
-        for path in paths[start:start + options.batch_size]:
-            try:  # view 0 is the resized image: no content hash needed
-                pixels.append(data.image_view(data.load_rgb(path), None, 0, model.image_size))
-                decoded.append(path)
-            except data.DecodeError:
-                bad.append(path)
+        images, undecodable = decode_images(paths[start:start + options.batch_size])
+        bad += undecodable
+        pixels = [data.image_view(image, None, 0, model.image_size) for image in images.values()]
         probs = run_probabilities(model, options, torch.stack(pixels)) if pixels else []
-        for path, p in zip(decoded, probs):
+        for path, p in zip(images, probs):
             rows.append([path, folder_label(path) or "", model.class_names[p.argmax()],
                          *(f"{x:.6f}" for x in p.tolist())])
     rows += [[path, "", "undecodable"] + [""] * model.n_classes for path in bad]
@@ -560,8 +569,6 @@ def predict_folder(args, build_model, script):
              for row in rows]
     stats.atomic_write(out, lambda f: csv.writer(f).writerows(
         [[row[c] for c in columns] for row in [header] + table]), "w")
-    if bad:
-        print(f"note: {len(bad)} undecodable file(s), listed as such in {out}: {', '.join(bad)}")
     if labelled:
         accuracy = np.mean([row[1] == row[2] for row in labelled])
         print(f"accuracy {accuracy:.4f} on the {len(labelled)} images in class folders")
@@ -578,7 +585,7 @@ def explain(args, build_model, script):
         raise SystemExit(f"error: --n {args.n}: 1 or more")
     model, options = load_run(args.explain, build_model, args, script)
     root, size = args.images or options.data, model.image_size
-    if not os.path.isdir(root or ""):
+    if not args.images and not os.path.isdir(root or ""):
         raise SystemExit(f"error: {root}: the run's data folder is gone; pass --images DIR (and "
                          f"--lesions CSV to score the maps)")
     if args.images:
@@ -593,13 +600,7 @@ def explain(args, build_model, script):
         paths = [paths[i] for i in order[:args.n]]
     out_dir = args.out or os.path.join(args.explain, "explain")
     refuse_to_replace(os.path.join(out_dir, "explain.json"), args, "the maps there")
-    images, undecodable = {}, []
-    for path in paths:
-        try:
-            images[path] = data.load_rgb(os.path.join(root, path))
-        except data.DecodeError:
-            undecodable.append(path)
-            print(f"note: {os.path.join(root, path)}: cannot decode image; not explained")
+    images, undecodable = decode_images(paths, root)
     paths, images = list(images), list(images.values())
     if not images:
         raise SystemExit(f"error: {root}: no image to explain could be decoded")
@@ -632,8 +633,8 @@ def explain(args, build_model, script):
         records.append({"path": path, "label": folder_label(path), "box": box, "argmax_xy": [x, y],
                         "pred": model.class_names[preds[k]], "probability": float(probs[k].max()),
                         "overlay": overlay})
-        title = f"{path}\ntrue {records[-1]['label']}, predicted {records[-1]['pred']} " \
-                f"(p = {probs[k].max():.3f})"
+        title = f"{path}\ntrue {records[-1]['label'] or 'unknown'}, predicted " \
+                f"{records[-1]['pred']} (p = {probs[k].max():.3f})"
         stats.plot_explanation(pixels[k], maps[k], title, os.path.join(out_dir, overlay), box)
     result = {"run": args.explain, "method": args.explain_method, "explained": "predicted class",
               "image_size": size, "images": records, "undecodable": undecodable}
