@@ -9,7 +9,7 @@
 - The pointing game on a hand-made map, box (exclusive ends) and brain mask; the overlay draws
   the box on the right pixels.
 - --predict on a trained tiny run's test folder gives its predictions.csv (labels, 1e-5
-  probabilities); undecodable files are listed, hidden and non-image files skipped; another
+  probabilities: CLIP, a CNN trained whole and one on a cached stem); undecodable files are listed, hidden and non-image files skipped; another
   script's run, another class list, another stem, a folder without config.json, a killed run
   without best.pt, an empty folder and an existing CSV (without --overwrite) are refused.
 - --explain writes overlays and explain.json with the pointing game where lesions.csv exists;
@@ -167,14 +167,10 @@ def test_overlay_draws_the_box_where_it_is(tmp_path):
     assert (png[top + 40:top + 44, 8 + 80:8 + 84] == 255).all()  # the white pixel, 4 x 4
 
 
-@pytest.fixture(scope="module")
-def trained_run(small_dir, tiny_clip_config, tmp_path_factory):
-    """A tiny CLIP run (3 epochs, cached) on the small synthetic set."""
-    folder = tmp_path_factory.mktemp("explain")
-    clip_tumor.main(["--data", small_dir, "--model", tiny_clip_config, "--pretrained", "none",
-                     "--views", "2", "--lr", "1e-3", "--epochs", "3", "--cache-dir",
-                     str(folder / "cache"), "--out", str(folder / "run")])
-    return str(folder / "run")
+@pytest.fixture
+def trained_run(trained_clip_run):
+    """conftest.py's tiny CLIP run on synth_dir (12 epochs, cached)."""
+    return str(trained_clip_run[0])
 
 
 def read_rows(path):
@@ -182,9 +178,9 @@ def read_rows(path):
         return {row["path"]: row for row in csv.DictReader(f)}
 
 
-def test_predict_reproduces_the_runs_predictions(trained_run, small_dir, tmp_path, capsys):
+def test_predict_reproduces_the_runs_predictions(trained_run, synth_dir, tmp_path, capsys):
     out = str(tmp_path / "preds.csv")
-    clip_tumor.main(["--predict", os.path.join(small_dir, "Testing"), "--run", trained_run,
+    clip_tumor.main(["--predict", os.path.join(synth_dir, "Testing"), "--run", trained_run,
                      "--out", out])
     ours, theirs = read_rows(out), read_rows(os.path.join(trained_run, "predictions.csv"))
     assert {"Testing/" + path for path in ours} == set(theirs)
@@ -197,7 +193,7 @@ def test_predict_reproduces_the_runs_predictions(trained_run, small_dir, tmp_pat
 
     folder = tmp_path / "new"  # no class folders: no label column; odd files
     (folder / "scans").mkdir(parents=True)
-    shutil.copy(os.path.join(small_dir, "Testing", "glioma", "glioma_0000.jpg"), folder / "a.jpg")
+    shutil.copy(os.path.join(synth_dir, "Testing", "glioma", "glioma_0000.jpg"), folder / "a.jpg")
     (folder / "scans" / "broken.png").write_bytes(b"not an image")
     (folder / ".hidden.jpg").write_bytes(b"hidden")
     (folder / "notes.txt").write_text("ignored")
@@ -211,8 +207,26 @@ def test_predict_reproduces_the_runs_predictions(trained_run, small_dir, tmp_pat
     assert "broken.png" in capsys.readouterr().out
 
 
-def test_predict_refuses_another_model_or_class_list(trained_run, small_dir, tmp_path):
-    images = os.path.join(small_dir, "Testing")
+@pytest.mark.parametrize("extra", [[], ["--train-from", "layer3"]])  # full network; cached stem
+def test_cnn_predict_reproduces_the_runs_predictions(extra, small_dir, tmp_path):
+    run = str(tmp_path / "cnn")
+    metrics = baselines.main(["--data", small_dir, "--model", "test_resnet", "--pretrained",
+                              "none", "--image-size", "64", "--views", "2", "--epochs", "2",
+                              "--cache-dir", str(tmp_path / "cache"), "--out", run, *extra])
+    assert metrics["cached"] == bool(extra)
+    baselines.main(["--predict", os.path.join(small_dir, "Testing"), "--run", run])
+    ours = read_rows(os.path.join(run, "predictions_Testing.csv"))
+    theirs = read_rows(os.path.join(run, "predictions.csv"))
+    assert {"Testing/" + path for path in ours} == set(theirs)
+    for path, row in ours.items():
+        assert row["pred"] == theirs["Testing/" + path]["pred"]
+        for name in clip_tumor.data.CLASSES:
+            assert abs(float(row[f"p_{name}"]) - float(theirs["Testing/" + path][f"p_{name}"])
+                       ) <= 1e-5
+
+
+def test_predict_refuses_another_model_or_class_list(trained_run, synth_dir, tmp_path):
+    images = os.path.join(synth_dir, "Testing")
     with pytest.raises(SystemExit, match="clip model"):
         blip_tumor.main(["--predict", images, "--run", trained_run])
     with pytest.raises(SystemExit, match="config.json: cannot read the run's options"):
