@@ -16,7 +16,6 @@ full network (4.7x); the stem 263 ms per image and view, once; an FGSM view 785 
 """
 import argparse
 import csv
-import glob
 import hashlib
 import json
 import math
@@ -496,15 +495,12 @@ def load_run(run_dir, build_model, args, script):
                          f"the script, weights and class list the run was trained with")
     if options.epochs:
         model.load_state_dict(torch.load(best_path, weights_only=True)["model"], strict=False)
-    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    return model.to(device).eval(), options
+    return model.to(pick_device(args)).eval(), options
 
 
 def images_under(folder):
-    """Image files under folder at any depth, sorted; glob's "*" skips hidden files and folders."""
-    pattern = os.path.join(glob.escape(folder), "**", "*")
-    paths = [path for path in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(path)
-             and os.path.splitext(path)[1].lower() in data.IMAGE_EXTENSIONS]
+    """Image files under folder at any depth, sorted (data.files_under: hidden ones skipped)."""
+    paths = list(filter(data.is_image, data.files_under(folder)))
     if not paths:
         problem = "no image files in it" if os.path.isdir(folder) else "no such folder"
         raise SystemExit(f"error: {folder}: {problem}; pass a folder of images "
@@ -675,6 +671,11 @@ def check_arguments(args):
         if not ok]
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+    return pick_device(args)
+
+
+def pick_device(args):
+    """--device: auto (CUDA when there is one), cpu or cuda[:N], checked against this machine."""
     gpu = torch.cuda.is_available()
     device = args.device if args.device != "auto" else "cuda" if gpu else "cpu"
     if device != "cpu" and not (device.split(":")[0] == "cuda" and gpu):

@@ -89,6 +89,16 @@ def official_split_folders(root):
     return (found["train"], found["test"]) if len(found) == 2 else None
 
 
+def files_under(folder):
+    """Every file under folder at any depth, sorted; glob's "*" skips hidden files and folders."""
+    pattern = os.path.join(glob.escape(folder), "**", "*")
+    return list(filter(os.path.isfile, sorted(glob.glob(pattern, recursive=True))))
+
+
+def is_image(path):
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
 def find_images(data_dir, also_allowed=()):
     """([(path, class, split folder or "")] by split, then path; [other files' paths]) of class
     folders (any depth, hidden files skipped; also_allowed ones: class = folder name) in
@@ -105,11 +115,10 @@ def find_images(data_dir, also_allowed=()):
                              f"{'/ '.join(CLASSES)}/ (or no_tumor/, no/, ...), or Training/ and "
                              f"Testing/ holding them")
         found = []
-        for folder in folders:  # glob's "*" skips hidden files and folders
-            pattern = os.path.join(glob.escape(os.path.join(root, folder)), "**", "*")
-            for path in filter(os.path.isfile, sorted(glob.glob(pattern, recursive=True))):
+        for folder in folders:
+            for path in files_under(os.path.join(root, folder)):
                 relative = os.path.relpath(path, data_dir).replace(os.sep, "/")
-                if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+                if is_image(path):
                     found.append((relative, normalise_class_name(folder) or folder.lower(), part))
                 else:
                     others.append(relative)
