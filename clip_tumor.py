@@ -611,11 +611,17 @@ def explain(args, build_model, script):
         maps.append(torch.from_numpy(stats.grad_cam(model, batch, preds[k:k + len(batch)])
                     if args.explain_method == "gradcam" else stats.attention_rollout(model, batch)))
     maps = F.interpolate(torch.cat(maps)[:, None], size=size, mode="bilinear")[:, 0].numpy()
-    if os.path.isfile(os.path.join(out_dir, "explain.json")):  # --overwrite: the earlier maps go
-        with open(os.path.join(out_dir, "explain.json")) as f:
-            for record in json.load(f).get("images", []):
-                if os.path.isfile(os.path.join(out_dir, record.get("overlay", ""))):
-                    os.remove(os.path.join(out_dir, record["overlay"]))
+    earlier = os.path.join(out_dir, "explain.json")
+    if os.path.isfile(earlier):  # --overwrite: the maps the earlier call wrote go, nothing else
+        try:
+            with open(earlier) as f:
+                overlays = [record["overlay"] for record in json.load(f)["images"]]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"error: {earlier}: cannot read which maps it wrote ({error}); "
+                             f"pass another --out")
+        for overlay in overlays:
+            if os.path.isfile(os.path.join(out_dir, overlay)):
+                os.remove(os.path.join(out_dir, overlay))
     os.makedirs(out_dir, exist_ok=True)
     records, scored = [], []
     for k, (path, image) in enumerate(zip(paths, images)):
@@ -775,8 +781,9 @@ def run(args, build_model, script):
     """--benchmark, or one run (--resume: a stopped one, with its own options). Seeds: one run
     each, then `python stats.py summary RUN...` gives mean +- std (see the README)."""
     args.script = script  # saved with the run: --predict and --explain refuse another's run
-    if args.predict and not args.run:
-        raise SystemExit("error: --predict DIR needs --run RUN_DIR, a trained run folder")
+    if bool(args.predict) != bool(args.run):
+        raise SystemExit("error: --predict DIR and --run RUN_DIR go together: the images and the "
+                         "trained run folder that classifies them")
     if args.predict:
         return predict_folder(args, build_model, script)
     if args.explain:

@@ -235,6 +235,8 @@ def test_predict_refuses_another_model_or_class_list(trained_run, synth_dir, tmp
     os.remove(tmp_path / "killed" / "best.pt")
     with pytest.raises(SystemExit, match="best.pt: not found.*--resume"):
         clip_tumor.main(["--predict", images, "--run", str(tmp_path / "killed")])
+    with pytest.raises(SystemExit, match="--predict DIR and --run RUN_DIR go together"):
+        clip_tumor.main(["--run", trained_run])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no image files in it"):
         clip_tumor.main(["--predict", str(tmp_path / "empty"), "--run", trained_run])
@@ -269,6 +271,11 @@ def test_explain_writes_overlays_and_the_pointing_game(trained_run):
     clip_tumor.main(["--explain", trained_run, "--n", "2", "--overwrite"])
     assert sorted(name for name in os.listdir(folder) if not name.endswith(".png")) == [
         "explain.json", "mine.txt"]  # the earlier maps replaced, the user's file kept
+    assert len([name for name in os.listdir(folder) if name.endswith(".png")]) == 2
+    with open(os.path.join(folder, "explain.json"), "w") as f:
+        f.write("{")  # damaged: which maps it wrote is unknown, so nothing is removed
+    with pytest.raises(SystemExit, match="explain.json: cannot read which maps it wrote"):
+        clip_tumor.main(["--explain", trained_run, "--n", "2", "--overwrite"])
     assert len([name for name in os.listdir(folder) if name.endswith(".png")]) == 2
 
 
