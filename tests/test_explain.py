@@ -211,7 +211,7 @@ def test_predict_reproduces_the_runs_predictions(trained_run, synth_dir, tmp_pat
 def test_cnn_predict_reproduces_the_runs_predictions(extra, small_dir, tmp_path):
     run = str(tmp_path / "cnn")
     metrics = baselines.main(["--data", small_dir, "--model", "test_resnet", "--pretrained",
-                              "none", "--image-size", "64", "--views", "2", "--epochs", "2",
+                              "none", "--image-size", "64", "--views", "1", "--epochs", "1",
                               "--cache-dir", str(tmp_path / "cache"), "--out", run, *extra])
     assert metrics["cached"] == bool(extra)
     baselines.main(["--predict", os.path.join(small_dir, "Testing"), "--run", run])
