@@ -27,7 +27,7 @@ STAGE_CONTAINERS = {"features", "blocks", "stages"}  # opened, so that each stag
 
 # ---- model -------------------------------------------------------------------------------------
 
-class CNNClassifier(nn.Module):
+class CNNClassifier(clip_tumor.FrozenStem):
     """A timm model as a chain of stages (conv1 ... layer4, features.conv0 ... features.norm5)."""
 
     def __init__(self, network, train_from, name, weights, image_size):
@@ -49,17 +49,12 @@ class CNNClassifier(nn.Module):
                              f"stages in forward order are {', '.join(names)}")
         n_frozen = names.index(train_from) if train_from else 0
         self.frozen_stages, self.trainable_stages = stages[:n_frozen], stages[n_frozen:]
+        self.frozen_parts = [stage for _, stage in self.frozen_stages]  # BatchNorm statistics kept
         stem = nn.Sequential(*[stage for _, stage in self.frozen_stages]).requires_grad_(False)
         self.cache_key = {"model": name, "weights": weights, "stem_stages": names[:n_frozen],
                           "image_size": image_size, "mean": list(mean), "std": list(std),
                           "architecture": repr(stem), "frozen_digest": clip_tumor.tensor_digest(
                               [*stem.parameters(), *stem.buffers()])}  # BN statistics too
-
-    def train(self, mode=True):
-        super().train(mode)
-        for _, stage in self.frozen_stages:  # frozen BatchNorm keeps its statistics: cached = full
-            stage.eval()
-        return self
 
     def stem(self, images):
         x = (images - self.mean) / self.std                              # pixels in [0, 1]
@@ -67,7 +62,7 @@ class CNNClassifier(nn.Module):
             x = stage(x)
         return x                                       # (B, 1024, S/16, S/16) before layer4
 
-    def top(self, features, cls_only=True):  # a CNN has no CLS token: cls_only is unused
+    def top(self, features):
         for _, stage in self.trainable_stages:
             features = stage(features)
         return self.network.forward_head(features)
@@ -132,13 +127,18 @@ def build_model(args):
 
 # ---- main --------------------------------------------------------------------------------------
 
-def main(argv=None):
+def build_parser():
     parser = clip_tumor.make_parser(__doc__)
     parser.add_argument("--model", default=MODEL, help="resnet50, densenet121, xception or timm's")
     parser.add_argument("--pretrained", default=PRETRAINED, help="default, none, or a file")
     parser.add_argument("--train-from", metavar="STAGE", help="freeze and cache the earlier stages")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input size (paper 224)")
-    args = clip_tumor.parse_args(parser, argv, pretrained="none", image_size=64, epochs=10)
+    return parser
+
+
+def main(argv=None):
+    args = clip_tumor.parse_args(build_parser(), argv, lambda: dict(  # --demo: from scratch
+        pretrained="none", image_size=64, epochs=10))
     return clip_tumor.run(args, build_model, "cnn")
 
 

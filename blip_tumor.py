@@ -42,20 +42,15 @@ TINY_CONFIG = {"vision_config": {**TINY_WIDTH, "num_hidden_layers": 4, "image_si
 
 def cls_only_layer(layer, tokens):
     """layer(tokens)[:, :1] of a BlipEncoderLayer without attention dropout (a test checks 1e-5):
-    keys and values (rows [D, 3D) of the fused qkv) from all tokens, the rest for CLS alone."""
-    attn, (batch, n_tokens, width) = layer.self_attn, tokens.shape
-    normed = layer.layer_norm1(tokens)                                   # (B, 1 + H*W, D)
-    query = F.linear(normed[:, :1], attn.qkv.weight[:width], attn.qkv.bias[:width])  # (B, 1, D)
-    keys_values = F.linear(normed, attn.qkv.weight[width:], attn.qkv.bias[width:])  # (B, T, 2D)
-    query = query.view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
-    keys, values = keys_values.view(batch, n_tokens, 2, attn.num_heads, attn.head_dim) \
-        .permute(2, 0, 3, 1, 4)                                          # 2 x (B, nh, T, hd)
-    attended = F.scaled_dot_product_attention(query, keys, values, scale=attn.scale)
-    cls = tokens[:, :1] + attn.projection(attended.transpose(1, 2).reshape(batch, 1, width))
+    keys and values from all tokens, the query, attention output and MLP for CLS alone."""
+    attn = layer.self_attn
+    query, keys, values = clip_tumor.fused_qkv(attn.qkv, attn.num_heads, layer.layer_norm1(tokens), 1)
+    attended = F.scaled_dot_product_attention(query, keys, values, scale=attn.scale)  # (B, nh, 1, hd)
+    cls = tokens[:, :1] + attn.projection(attended.transpose(1, 2).flatten(2))
     return cls + layer.mlp(layer.layer_norm2(cls))                       # (B, 1, D)
 
 
-class BLIPClassifier(nn.Module):
+class BLIPClassifier(clip_tumor.FrozenStem):
     """BLIP's vision tower split into a frozen stem and a trainable top, plus a head."""
 
     def __init__(self, blip, processor, head, name, weights, image_size, trainable_blocks):
@@ -103,21 +98,16 @@ class BLIPClassifier(nn.Module):
             self.frozen_parts.append(self.text_encoder)
             self.itm_head = blip.itm_head.requires_grad_(True)
 
-    def train(self, mode=True):
-        super().train(mode)
-        for part in self.frozen_parts:  # frozen parts stay in eval mode: full path = cached one
-            part.eval()
-        return self
-
     def stem(self, images):  # the frozen part, cached on disk: embeddings and the first blocks
         x = self.vision.embeddings((images - self.mean) / self.std)      # (B, 1 + H*W, D)
         for layer in self.stem_layers:
             x = layer(x)
         return x
 
-    def top(self, tokens, cls_only=True):
-        """Stem tokens -> (B, C) logits; the last block runs for CLS alone unless cls_only=False."""
-        cls_only = cls_only and self.head_type != "itm"  # itm cross-attends to every image token
+    def top(self, tokens):
+        """Stem tokens -> (B, C) logits; the last block runs for CLS alone (not for --head itm,
+        which cross-attends to every image token)."""
+        cls_only = self.head_type != "itm"
         for i, layer in enumerate(self.top_layers, start=1):
             last = i == len(self.top_layers)
             tokens = cls_only_layer(layer, tokens) if last and cls_only else layer(tokens)
@@ -190,14 +180,19 @@ def build_model(args):
 
 # ---- main --------------------------------------------------------------------------------------
 
-def main(argv=None):
+def build_parser():
     parser = clip_tumor.make_parser(__doc__)
     parser.add_argument("--weights", default=WEIGHTS, help="Hugging Face id or local folder")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input size (paper 224)")
     parser.add_argument("--head", choices=["cosine", "mlp", "itm"], default="cosine", help="BLIP's "
-                        "ITC score (paper's method), MLP on CLS (paper's code) or ITM match logit")
-    args = clip_tumor.parse_args(parser, argv, image_size=64, weights=lambda workdir:  # --demo
-                                 write_tiny_weights(os.path.join(workdir, "blip-tiny")))
+                        "ITC score (paper's method), MLP on CLS (paper's code) or ITM match logit; "
+                        "--epochs 0 (zero-shot) uses cosine for mlp")
+    return parser
+
+
+def main(argv=None):
+    args = clip_tumor.parse_args(build_parser(), argv, lambda: dict(  # --demo: the tiny BLIP
+        image_size=64, weights=write_tiny_weights(os.path.join(clip_tumor.DEMO_DIR, "blip-tiny"))))
     return clip_tumor.run(args, build_model, "blip")
 
 

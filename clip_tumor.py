@@ -3,8 +3,6 @@
     python clip_tumor.py --data ./merged --seed 42        # the paper's run (ViT-B-16, openai)
     python clip_tumor.py --demo                           # offline: synthetic data, tiny model
     python clip_tumor.py --benchmark                      # speeds at full size, random weights
-    python clip_tumor.py --predict NEW_SCANS --run RUN    # a trained run on new images
-    python clip_tumor.py --explain RUN                    # its heat maps, scored on known lesions
 
 The method of Swetha & Kumar, "Multimodal Brain Tumor Classification Using BLIP and CLIP", top to
 bottom: the model, the feature cache, the training loop, the run. blip_tumor.py and baselines.py
@@ -15,7 +13,6 @@ full network (4.7x); the stem 263 ms per image and view, once; an FGSM view 785 
 0.983 test accuracy in 28 s. No accuracy with real pretrained weights is measured here (offline).
 """
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -47,6 +44,7 @@ BATCH_SIZE = 16          # "batch size of 16"
 LEARNING_RATE = 3e-4     # "AdamW optimizer with a learning rate of 3e-4"
 WEIGHT_DECAY = 0.01      # "AdamW's default weight decay"
 RESTART_EPOCHS = 5       # "Cosine Annealing Warm Restarts (T_0 = 5 for 5-epoch cycles ..."
+VAL_FRACTION = 0.1       # share of the training images that validates (stratified; not in the paper)
 WARMUP_EPOCHS = 1        # "... following warm-up)": its length is not given; one epoch, linear
 FOCAL_GAMMA = 2.0        # focal loss exponent (the paper names focal loss, not its gamma)
 VIEWS = 4                # view 0 plain + 3 augmented views per training image
@@ -80,6 +78,19 @@ def tensor_digest(tensors):
 
 # ---- model -------------------------------------------------------------------------------------
 
+def fused_qkv(qkv, heads, normed, n_queries=None):
+    """(query (B, nh, Q, hd), keys, values (B, nh, T, hd)) of a fused qkv Linear (timm's, BLIP's):
+    rows [0, D) of its weight make the query, [D, 2D) the keys, [2D, 3D) the values. The query is
+    computed for the first n_queries tokens only (1: CLS), or for all T."""
+    width = normed.shape[-1]
+    bias = qkv.bias if qkv.bias is not None else qkv.weight.new_zeros(3 * width)
+    queries = normed if n_queries is None else normed[:, :n_queries]
+    query = F.linear(queries, qkv.weight[:width], bias[:width])          # (B, Q, D)
+    keys, values = F.linear(normed, qkv.weight[width:], bias[width:]).chunk(2, dim=-1)
+    by_head = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+    return by_head(query), by_head(keys), by_head(values)
+
+
 def cls_only_block(block, tokens):
     """block(tokens)[:, :1] of a ViT block (open_clip's or timm's), computing only what CLS needs:
     keys and values come from all tokens, but the query, attention output and MLP run on one
@@ -89,21 +100,26 @@ def cls_only_block(block, tokens):
         attended = block.attn(normed[:, :1], normed, normed, need_weights=False)[0]  # (B, 1, D)
         cls = tokens[:, :1] + block.ls_1(attended)
         return cls + block.ls_2(block.mlp(block.ln_2(cls)))              # (B, 1, D)
-    attn, (batch, n_tokens, width) = block.attn, tokens.shape  # timm Block, fused qkv weight:
-    normed = block.norm1(tokens)  # rows [0, D) of qkv make the query, [D, 3D) keys and values
-    bias = attn.qkv.bias if attn.qkv.bias is not None else torch.zeros(3 * width)
-    query = F.linear(normed[:, :1], attn.qkv.weight[:width], bias[:width])
-    keys_values = F.linear(normed, attn.qkv.weight[width:], bias[width:])  # (B, 1 + H*W, 2D)
-    query = query.view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
-    keys, values = keys_values.view(batch, n_tokens, 2, attn.num_heads, attn.head_dim) \
-        .permute(2, 0, 3, 1, 4)                                          # 2 x (B, nh, T, hd)
+    attn = block.attn  # timm Block
+    query, keys, values = fused_qkv(attn.qkv, attn.num_heads, block.norm1(tokens), 1)
     attended = F.scaled_dot_product_attention(attn.q_norm(query), attn.k_norm(keys), values)
-    attended = attn.proj(attn.norm(attended.transpose(1, 2).reshape(batch, 1, width)))
-    cls = tokens[:, :1] + block.ls1(attended)
+    cls = tokens[:, :1] + block.ls1(attn.proj(attn.norm(attended.transpose(1, 2).flatten(2))))
     return cls + block.ls2(block.mlp(block.norm2(cls)))                  # (B, 1, D)
 
 
-class CLIPClassifier(nn.Module):
+class FrozenStem(nn.Module):
+    """What the three models share: the parts in self.frozen_parts stay in eval mode while the
+    model trains, so the full forward (--no-cache) equals the cached path, which ran them in eval
+    mode (dropout off, BatchNorm statistics fixed)."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        for part in self.frozen_parts:
+            part.eval()
+        return self
+
+
+class CLIPClassifier(FrozenStem):
     """An open_clip vision tower (its own ViT, or a timm ViT as in BiomedCLIP) split into a
     frozen stem and a trainable top, plus a head."""
 
@@ -126,11 +142,14 @@ class CLIPClassifier(nn.Module):
             raise SystemExit(f"error: --trainable-blocks {trainable_blocks}: 0 to {len(blocks)}")
         split = len(blocks) - trainable_blocks
         self.stem_blocks, self.top_blocks = blocks[:split], blocks[split:]
-        clip_model.requires_grad_(False)  # trainable: the top blocks, final norm and projection
+        clip_model.eval().requires_grad_(False)  # trainable: top blocks, final norm, projection
         for part in [*self.top_blocks, *post]:
             part.requires_grad_(True)
+        root = self.trunk if self.trunk is not None else visual  # embeddings, blocks, post norm
+        self.frozen_parts = [*self.stem_blocks, *(child for child in root.children() if not any(
+            child is part for part in [blocks, getattr(visual, "transformer", 0), *post]))]
         self.class_names, self.n_classes = tuple(class_names), len(class_names)
-        with torch.no_grad():  # prompts are encoded once and kept fixed
+        with torch.no_grad():  # prompts are encoded once (in eval mode: no dropout) and kept fixed
             prompts = tokenizer([PROMPT.format(PROMPT_NAMES.get(c, c)) for c in class_names])
             text = F.normalize(clip_model.encode_text(prompts).float(), dim=-1)
         self.register_buffer("class_prompts", text)                      # (C, E)
@@ -176,16 +195,14 @@ class CLIPClassifier(nn.Module):
             x = block(x)
         return x if len(self.top_blocks) else x[:, :1]
 
-    def top(self, tokens, cls_only=True):
+    def top(self, tokens):
         """Trainable part from cached stem tokens: all blocks but the last on all tokens, the
-        last for CLS only (cls_only=False runs it on all tokens, for the benchmark)."""
+        last for CLS only."""
         if not len(self.top_blocks):
             return self.classify(tokens[:, 0])
         for block in self.top_blocks[:-1]:
             tokens = block(tokens)
-        last = self.top_blocks[-1]
-        cls = cls_only_block(last, tokens) if cls_only else last(tokens)[:, :1]
-        return self.classify(cls[:, 0])
+        return self.classify(cls_only_block(self.top_blocks[-1], tokens)[:, 0])
 
     def attention_blocks(self):
         return [*self.stem_blocks, *self.top_blocks]
@@ -463,194 +480,6 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
     return history, state["best_epoch"]
 
 
-# ---- a trained run: classify new images, explain its decisions ---------------------------------
-
-def load_run(run_dir, build_model, args, script):
-    """(the run's model, its best.pt weights loaded, in eval mode; the run's own options from its
-    config.json, today's defaults filling keys an old run lacks). A run of another script, model or
-    class list is refused; a zero-shot run (--epochs 0) has no best.pt and needs none."""
-    config_path, best_path = (os.path.join(run_dir, name) for name in ("config.json", "best.pt"))
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        options = argparse.Namespace(**{**vars(args), "script": script, **config["args"],
-                                        "benchmark": False})
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SystemExit(f"error: {config_path}: cannot read the run's options ({error}); pass "
-                         f"a run folder made by a training script")
-    if options.script != script:  # checked before building: another script's options may fail
-        raise SystemExit(f"error: {run_dir}: a run of the {options.script} model; use the "
-                         f"script that trained it (clip_tumor.py, blip_tumor.py, baselines.py)")
-    if options.epochs and not os.path.isfile(best_path):
-        raise SystemExit(f"error: {best_path}: not found; the run stopped before its first "
-                         f"epoch ended: continue it with --resume {run_dir}")
-    model = build_model(options)
-    rebuilt = json.loads(json.dumps(model.cache_key))  # tuples -> lists, as in config.json
-    changed = [key for key in {**rebuilt, **config["model_key"]}
-               if rebuilt.get(key) != config["model_key"].get(key)]
-    if changed or list(model.class_names) != config["classes"]:
-        raise SystemExit(f"error: {config_path}: classes {config['classes']}, model "
-                         f"{config['model_key']['model']}; the model rebuilt from its options "
-                         f"has classes {list(model.class_names)} and differs in {changed}: use "
-                         f"the script, weights and class list the run was trained with")
-    if options.epochs:
-        model.load_state_dict(torch.load(best_path, weights_only=True)["model"], strict=False)
-    return model.to(pick_device(args)).eval(), options
-
-
-def images_under(folder):
-    """Image files under folder at any depth, sorted (data.files_under: hidden ones skipped)."""
-    paths = list(filter(data.is_image, data.files_under(folder)))
-    if not paths:
-        problem = "no image files in it" if os.path.isdir(folder) else "no such folder"
-        raise SystemExit(f"error: {folder}: {problem}; pass a folder of images "
-                         f"({', '.join(sorted(data.IMAGE_EXTENSIONS))})")
-    return paths
-
-
-def folder_label(path):
-    """The class named by the image's parent folder (glioma/, no_tumor/, ...), or None."""
-    return data.normalise_class_name(os.path.basename(os.path.dirname(path)))
-
-
-def decode_images(paths, root=""):
-    """({path: RGB image} of the paths under root that decode, [the others]); each one skipped is
-    named in a note (view 0, the resized image, needs no content hash: no file hash is read)."""
-    images, undecodable = {}, []
-    for path in paths:
-        try:
-            images[path] = data.load_rgb(os.path.join(root, path))
-        except data.DecodeError:
-            undecodable.append(path)
-            print(f"note: {os.path.join(root, path)}: cannot decode image; skipped (listed)")
-    return images, undecodable
-
-
-def refuse_to_replace(path, args, what):
-    if os.path.exists(path) and not args.overwrite:
-        raise SystemExit(f"error: {path}: exists; pass --overwrite to replace {what}, or --out")
-
-
-@torch.no_grad()
-def run_probabilities(model, options, pixels):
-    """(B, C) probabilities of view-0 pixels (B, 3, S, S) along the run's own path: a cached run
-    read the stem's output from the cache, stored in fp16, so it is rounded the same way here."""
-    pixels = pixels.to(model.mean.device)
-    logits = model(pixels) if options.no_cache else model.top(model.stem(pixels).half().float())
-    return logits.float().softmax(-1).cpu()
-
-
-def predict_folder(args, build_model, script):
-    """--predict DIR --run RUN: CSV path[,label],pred,p_<class>... of every image under DIR."""
-    model, options = load_run(args.run, build_model, args, script)
-    out = args.out or os.path.join(args.run, "predictions_" + os.path.basename(
-        os.path.normpath(args.predict)) + ".csv")
-    refuse_to_replace(out, args, "it")
-    rows, bad = [], []  # rows: path, label or "", pred, probabilities
-    paths = images_under(args.predict)
-    for start in tqdm(range(0, len(paths), options.batch_size), desc="predict", leave=False,
-                      disable=not data.PROGRESS):
-        images, undecodable = decode_images(paths[start:start + options.batch_size])
-        bad += undecodable
-        pixels = [data.image_view(image, None, 0, model.image_size) for image in images.values()]
-        probs = run_probabilities(model, options, torch.stack(pixels)) if pixels else []
-        for path, p in zip(images, probs):
-            rows.append([path, folder_label(path) or "", model.class_names[p.argmax()],
-                         *(f"{x:.6f}" for x in p.tolist())])
-    rows += [[path, "", "undecodable"] + [""] * model.n_classes for path in bad]
-    labelled = [row for row in rows if row[1]]
-    header = ["path", "label", "pred"] + [f"p_{name}" for name in model.class_names]
-    columns = [c for c in range(len(header)) if c != 1 or labelled]  # label: class folders only
-    table = [[os.path.relpath(row[0], args.predict).replace(os.sep, "/"), *row[1:]]
-             for row in rows]
-    stats.atomic_write(out, lambda f: csv.writer(f).writerows(
-        [[row[c] for c in columns] for row in [header] + table]), "w")
-    if labelled:
-        accuracy = np.mean([row[1] == row[2] for row in labelled])
-        print(f"accuracy {accuracy:.4f} on the {len(labelled)} images in class folders")
-    print(f"wrote {out}: {len(rows)} images")
-    return out
-
-
-def explain(args, build_model, script):
-    """--explain RUN: heat maps of the predicted class for --n test images (per class, in turn,
-    the most confident right and the most confident wrong) or for the images under --images:
-    overlays and explain.json in RUN/explain/ (or --out), with the pointing game where lesions
-    are known (lesions.csv beside the images, or --lesions)."""
-    if args.n < 1:
-        raise SystemExit(f"error: --n {args.n}: 1 or more")
-    model, options = load_run(args.explain, build_model, args, script)
-    root, size = args.images or options.data, model.image_size
-    if not args.images and not os.path.isdir(root or ""):
-        raise SystemExit(f"error: {root}: the run's data folder is gone; pass --images DIR (and "
-                         f"--lesions CSV to score the maps)")
-    if args.images:
-        paths = [os.path.relpath(path, root) for path in images_under(root)]
-    else:
-        paths, y_true, y_pred, probs, _ = stats.read_predictions(
-            os.path.join(args.explain, "predictions.csv"))
-        confident = np.argsort(-probs.max(1), kind="stable")  # most confident first
-        queues = [[i for i in confident if y_true[i] == c and (y_pred[i] == c) == right]
-                  for c in range(model.n_classes) for right in (True, False)]
-        order = [queue[k] for k in range(len(paths)) for queue in queues if k < len(queue)]
-        paths = [paths[i] for i in order[:args.n]]
-    out_dir = args.out or os.path.join(args.explain, "explain")
-    refuse_to_replace(os.path.join(out_dir, "explain.json"), args, "the maps there")
-    images, undecodable = decode_images(paths, root)
-    paths, images = list(images), list(images.values())
-    if not images:
-        raise SystemExit(f"error: {root}: no image to explain could be decoded")
-    lesions = args.lesions or os.path.join(root, "lesions.csv")
-    boxes = data.read_lesion_boxes(lesions) if args.lesions or os.path.isfile(lesions) else {}
-    pixels = torch.stack([data.image_view(image, None, 0, size) for image in images])
-    probs = run_probabilities(model, options, pixels)                     # (N, C)
-    preds = probs.argmax(1).to(model.mean.device)
-    maps = []
-    for k in range(0, len(pixels), options.batch_size):  # Grad-CAM keeps a batch's graph
-        batch = pixels[k:k + options.batch_size].to(model.mean.device)
-        maps.append(torch.from_numpy(stats.grad_cam(model, batch, preds[k:k + len(batch)])
-                    if args.explain_method == "gradcam" else stats.attention_rollout(model, batch)))
-    maps = F.interpolate(torch.cat(maps)[:, None], size=size, mode="bilinear")[:, 0].numpy()
-    earlier = os.path.join(out_dir, "explain.json")
-    if os.path.isfile(earlier):  # --overwrite: the maps the earlier call wrote go, nothing else
-        try:
-            with open(earlier) as f:
-                overlays = [record["overlay"] for record in json.load(f)["images"]]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise SystemExit(f"error: {earlier}: cannot read which maps it wrote ({error}); "
-                             f"pass another --out")
-        for overlay in overlays:
-            if os.path.isfile(os.path.join(out_dir, overlay)):
-                os.remove(os.path.join(out_dir, overlay))
-    os.makedirs(out_dir, exist_ok=True)
-    records, scored = [], []
-    for k, (path, image) in enumerate(zip(paths, images)):
-        box = boxes.get(path)  # the written image's pixels -> the model's input pixels
-        if box:
-            x0, y0, x1, y1 = np.array(box) * np.tile([size / image.width, size / image.height], 2)
-            box = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))  # x1, y1 outside
-            scored.append((maps[k], box, pixels[k].mean(0).numpy() > stats.BRAIN_THRESHOLD))
-        y, x = np.unravel_index(np.argmax(maps[k]), maps[k].shape)
-        overlay = f"{k:02d}_{os.path.splitext(os.path.basename(path))[0]}.png"
-        records.append({"path": path, "label": folder_label(path), "box": box, "argmax_xy": [x, y],
-                        "pred": model.class_names[preds[k]], "probability": float(probs[k].max()),
-                        "overlay": overlay})
-        title = f"{path}\ntrue {records[-1]['label'] or 'unknown'}, predicted " \
-                f"{records[-1]['pred']} (p = {probs[k].max():.3f})"
-        stats.plot_explanation(pixels[k], maps[k], title, os.path.join(out_dir, overlay), box)
-    result = {"run": args.explain, "method": args.explain_method, "explained": "predicted class",
-              "image_size": size, "images": records, "undecodable": undecodable}
-    if scored:  # tolerance in the model's input pixels
-        tolerance = stats.POINTING_TOLERANCE * size
-        hit, chance = stats.pointing_game(*zip(*scored), tolerance)
-        result.update(pointing_game=hit, chance=chance, n_scored=len(scored), lesions=lesions,
-                      tolerance_pixels=tolerance, brain_threshold=stats.BRAIN_THRESHOLD)
-        print(f"pointing game {hit:.3f} vs chance {chance:.3f} on {len(scored)} lesions")
-    stats.write_json(result, os.path.join(out_dir, "explain.json"))
-    print(f"wrote {out_dir}/: {len(records)} overlays and explain.json")
-    return result
-
-
 # ---- the run: data -> cache -> train -> evaluate -> run folder ---------------------------------
 
 def check_arguments(args):
@@ -660,7 +489,8 @@ def check_arguments(args):
         ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
         ("epochs", args.epochs, args.epochs >= 0, "0 (zero-shot) or more"),
         ("lr", args.lr, args.lr > 0, "positive"),
-        ("val-fraction", args.val_fraction, 0 < args.val_fraction < 1, "between 0 and 1"),
+        ("val-fraction", args.val_fraction, args.val_fraction is None or 0 < args.val_fraction < 1,
+         "between 0 and 1"),
         ("seed", args.seed, 0 <= args.seed < 2 ** 32, "0 to 2**32 - 1"),
         ("split", args.split, not args.split or os.path.isfile(args.split),
          "no such file (make one with `python data.py split --data DIR --out S.csv --leak-free`)"),
@@ -690,88 +520,110 @@ def pick_device(args):
     return torch.device(device)
 
 
-def run_one(args, build_model, out_dir):
-    """One seed: splits, model, feature cache, training, evaluation, the run folder."""
-    device = check_arguments(args)
-    set_seed(args.seed)
-    val_fraction = 0.0 if args.select_on == "test" else args.val_fraction
+def load_splits(args):
+    """Train, validation and test samples. --shots K: K training images per class and, unless
+    --val-fraction is given, K validation images per class (a K-shot protocol has no large
+    validation set) from the labelled images the training shots left, both drawn with the seed."""
+    val_fraction = 0.0 if args.select_on == "test" else args.val_fraction or VAL_FRACTION
     splits = data.load_splits(args.data, args.seed, val_fraction, args.split)
-    if args.shots:  # few-shot: K training images per class, seeded; validation and test kept
-        rng = np.random.default_rng(args.seed)
-        by_class = [[s for s in splits.train if s.label == c] for c in range(len(data.CLASSES))]
-        if min(len(members) for members in by_class) < args.shots:
-            raise SystemExit(f"error: --shots {args.shots}: a class has only "
-                             f"{min(len(m) for m in by_class)} training images; pass fewer")
-        splits.train = sorted((members[i] for members in by_class
-                               for i in rng.permutation(len(members))[:args.shots]),
-                              key=lambda s: s.path)
-    model = build_model(args).to(device)
-    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
-    checkpoint = torch.load(checkpoint_path, weights_only=True) \
-        if args.resume and os.path.isfile(checkpoint_path) else None
-    stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
+    if args.shots:
+        labelled = splits.train + splits.val
+        splits.train = data.few_shot(splits.train, args.shots, args.seed, "training")
+        if args.val_fraction is None and splits.val:
+            shots = {s.path for s in splits.train}
+            splits.val = data.few_shot([s for s in labelled if s.path not in shots], args.shots,
+                                       args.seed, "labelled non-training")
     if splits.non_images:
         print(f"note: {len(splits.non_images)} non-image file(s) ignored: {splits.non_images}")
+    return splits
+
+
+def cache_inputs(args, build_model, model, splits, device):
+    """(each split's Inputs, the training views, undecodable paths, seconds): the stem's output
+    of every image and view stored in the feature cache (--no-cache: every image is decoded once,
+    to stop early on a bad one), the content hashes read once for the cache and the leak check."""
+    started = time.time()
     everything = splits.train + splits.val + splits.test
     hashes = {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in everything}
-    started = time.time()
     cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
-    jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
     view_ids, make_view = list(range(args.views)), data.image_view
     if args.adversarial != "none" and cache and args.epochs:  # one cached adversarial view each
         make_view, view_id = adversarial_view_maker(args, build_model, device,
                                                     {hashes[s.path]: s.label for s in splits.train})
         view_ids.append(view_id)
-    jobs.update({s.path: (hashes[s.path], view_ids) for s in splits.train})
+    jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
+    jobs.update({s.path: (hashes[s.path], view_ids if cache else [0]) for s in splits.train})
     bad = data.build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad,
                            make_view)
-    cache_seconds = time.time() - started
-    parts = {name: [s for s in getattr(splits, name) if s.path not in bad]
-             for name in ("train", "val", "test")}
-    inputs = {name: data.Inputs(samples, hashes, args.data, model, cache, make_view)
-              for name, samples in parts.items()}
+    inputs = {name: data.Inputs([s for s in getattr(splits, name) if s.path not in bad], hashes,
+                                args.data, model, cache, make_view)
+              for name in ("train", "val", "test")}
+    return inputs, view_ids, bad, time.time() - started
+
+
+def write_config(args, model, splits, inputs, bad, out_dir):
+    """config.json: every option, the stem's identity, the split and what was left out."""
     adversarial = "none" if args.adversarial == "none" else f"{args.adversarial}, " + (
-        "static: one cached view per training image, made once by the starting model (the "
-        "paper's exact way: --no-cache)" if cache else "exact: each batch attacked by the "
-        "current model and trained 1:1 with the clean one")
-    counts = {name: np.bincount([s.label for s in samples], minlength=model.n_classes).tolist()
-              for name, samples in parts.items()}
+        "exact: each batch attacked by the current model and trained 1:1 with the clean one"
+        if args.no_cache else "static: one cached view per training image, made once by the "
+        "starting model (the paper's exact way: --no-cache)")
+    counts = {name: np.bincount(part.labels.numpy(), minlength=model.n_classes).tolist()
+              for name, part in inputs.items()}
     stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
                       "split_source": splits.source, "classes": list(model.class_names),
                       "non_images_ignored": splits.non_images, "undecodable_skipped": bad,
                       "adversarial_training": adversarial},
                      os.path.join(out_dir, "config.json"))
 
+
+def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, notes):
+    """Every split's predictions, the attacks (--attack-eval), the copies between train and test
+    (whatever the split), then metrics.json, predictions.csv, report.txt and figures."""
+    outputs = {name: (*predict(part, args.batch_size), part.labels.numpy())
+               for name, part in inputs.items() if len(part)}  # (logits, loss, y)
+    if args.attack_eval:  # the chosen model under attack: the full network on [0, 1] pixels
+        metrics.update(attacked_accuracy(model, inputs["test"], args))
+    test_paths = [s.path for s in inputs["test"].samples]
+    leaky = data.test_paths_with_train_copy(
+        args.data, [s.path for name in ("train", "val") for s in inputs[name].samples],
+        test_paths, args.cache_dir, inputs["test"].hashes)  # SHA-1s read once, by cache_inputs
+    if leaky and source != "official" and not args.split:
+        print("note: train and test share copies of images; `python data.py split "
+              "--leak-free` writes a split that keeps each group of copies in one part")
+    stats.report_run(out_dir, metrics, outputs, test_paths, leaky, model.class_names, history,
+                     args.calibrate, notes)
+
+
+def run_one(args, build_model, out_dir):
+    """One seed: splits, model, feature cache, training, evaluation, the run folder."""
+    device = check_arguments(args)
+    set_seed(args.seed)
+    splits = load_splits(args)
+    model = build_model(args).to(device)
+    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+    checkpoint = torch.load(checkpoint_path, weights_only=True) \
+        if args.resume and os.path.isfile(checkpoint_path) else None
+    stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
+    inputs, view_ids, bad, cache_seconds = cache_inputs(args, build_model, model, splits, device)
+    write_config(args, model, splits, inputs, bad, out_dir)
+
     history, best_epoch = [], 0
     if args.epochs > 0:
         select = inputs["test" if args.select_on == "test" else "val"]
         history, best_epoch = train(model, inputs["train"], select, args, out_dir, checkpoint,
                                     view_ids)
-        best = torch.load(f"{out_dir}/best.pt", weights_only=True)["model"]
-        model.load_state_dict(best, strict=False)
+        model.load_state_dict(torch.load(f"{out_dir}/best.pt", weights_only=True)["model"],
+                              strict=False)
     selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
                  "test set chose the epoch)") if args.select_on == "test" else "validation split"
     metrics = {"model": model.cache_key["model"], "seed": args.seed, "selection": selection,
                "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
                "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
                if history else None, "cache_build_seconds": cache_seconds,
-               "cached": cache is not None, "undecodable_skipped": len(bad), "val": None}
-    outputs = {name: (*predict(inputs[name], args.batch_size), inputs[name].labels.numpy())
-               for name in ("train", "val", "test") if len(inputs[name])}  # (logits, loss, y)
-    if args.attack_eval:  # the chosen model under attack: the full network on [0, 1] pixels
-        metrics.update(attacked_accuracy(model, inputs["test"], args))
-    # whatever the split, count the test images that copy a training or validation image
-    test_paths = [s.path for s in parts["test"]]
-    leaky = data.test_paths_with_train_copy(args.data, [s.path for s in parts["train"]] +
-                                            [s.path for s in parts["val"]], test_paths,
-                                            args.cache_dir, hashes)  # SHA-1s read once above
-    if leaky and splits.source != "official" and not args.split:
-        print("note: train and test share copies of images; `python data.py split "
-              "--leak-free` writes a split that keeps each group of copies in one part")
+               "cached": not args.no_cache, "undecodable_skipped": len(bad), "val": None}
     notes = f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}" if bad \
         else ""
-    stats.report_run(out_dir, metrics, outputs, test_paths, leaky, model.class_names, history,
-                     args.calibrate, notes)
+    evaluate_and_report(args, model, inputs, splits.source, metrics, history, out_dir, notes)
     shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
     os.remove(os.path.join(out_dir, ".lock"))
     return metrics
@@ -780,14 +632,7 @@ def run_one(args, build_model, out_dir):
 def run(args, build_model, script):
     """--benchmark, or one run (--resume: a stopped one, with its own options). Seeds: one run
     each, then `python stats.py summary RUN...` gives mean +- std (see the README)."""
-    args.script = script  # saved with the run: --predict and --explain refuse another's run
-    if bool(args.predict) != bool(args.run):
-        raise SystemExit("error: --predict DIR and --run RUN_DIR go together: the images and the "
-                         "trained run folder that classifies them")
-    if args.predict:
-        return predict_folder(args, build_model, script)
-    if args.explain:
-        return explain(args, build_model, script)
+    args.script = script  # saved with the run: predict.py rebuilds the model with this script
     if args.benchmark:
         result = benchmark(build_model(args), pgd_steps=args.pgd_steps)
         print(json.dumps(result))
@@ -856,6 +701,13 @@ def benchmark(model, batch_size=BATCH_SIZE, repeats=5, pgd_steps=PGD_STEPS):
 
 # ---- command line ------------------------------------------------------------------------------
 
+class MovedToPredict(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise SystemExit(f"error: {option_string} moved to predict.py: `python predict.py RUN "
+                         f"IMAGES_DIR` classifies new images, `python predict.py RUN --explain` "
+                         f"draws heat maps")
+
+
 def make_parser(description):
     """The options every script shares; each script adds its model's options."""
     parser = argparse.ArgumentParser(description=description.split("\n")[0])
@@ -863,7 +715,8 @@ def make_parser(description):
     a("--data", help="dataset folder: Training/ and Testing/ with class folders, or class folders")
     a("--split", help="split CSV (path,label,split), e.g. from `python data.py split --leak-free`")
     a("--seed", type=int, default=42, help="seed of the split, initialisation and batch order")
-    a("--val-fraction", type=float, default=0.1, help="share of training images for validation")
+    a("--val-fraction", type=float, help=f"share of training images for validation (default "
+      f"{VAL_FRACTION}; with --shots K: K images per class)")
     a("--select-on", choices=["val", "test"], default="val",
       help="split that picks the best epoch; 'test' is the paper's protocol (optimistic)")
     a("--epochs", type=int, help=f"training epochs (default {EPOCHS}); 0 evaluates zero-shot; "
@@ -892,47 +745,44 @@ def make_parser(description):
     a("--attack-eval", action="store_true", help="test accuracy under FGSM and PGD")
     a("--attack-n", type=int, help="attack a stratified subset of about N test images")
     a("--skip-bad", action="store_true", help="skip images that cannot be decoded (counted)")
-    a("--out", help="run folder (default runs/<script>-<model>-seed<seed>); --predict's CSV, "
-                     "--explain's folder")
-    a("--overwrite", action="store_true", help="replace the run in --out (other files stay), "
-      "--predict's CSV or --explain's maps")
+    a("--out", help="run folder (default runs/<script>-<model>-seed<seed>)")
+    a("--overwrite", action="store_true", help="replace the run in --out (other files stay)")
     a("--resume", metavar="RUN_DIR", help="continue a stopped run with its own options")
     a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     a("--benchmark", action="store_true", help="time the steps at full size, random weights")
     a("--demo", action="store_true", help="offline demo: synthetic data, tiny random model")
-    a("--predict", metavar="DIR", help="classify every image under DIR with --run's best.pt")
-    a("--run", metavar="RUN_DIR", help="the trained run folder that --predict uses")
-    a("--explain", metavar="RUN_DIR", help="heat maps of a run's test images: RUN_DIR/explain/")
-    a("--n", type=int, default=8, help="--explain: images, the most confident right and wrong")
-    a("--images", metavar="DIR", help="--explain the images under DIR instead")
-    a("--explain-method", choices=["gradcam", "rollout"], default="gradcam",
-      help="Grad-CAM (last stage, or tokens entering a ViT's last block) or attention rollout")
-    a("--lesions", metavar="CSV", help="lesion boxes path,x0,y0,x1,y1 (default <data>/lesions.csv)")
+    for moved in ("--predict", "--run", "--explain", "--n", "--images", "--explain-method",
+                  "--lesions"):  # one way to use a trained run: predict.py
+        a(moved, nargs="?", action=MovedToPredict, help=argparse.SUPPRESS)
     return parser
 
 
-def parse_args(parser, argv=None, **demo_model_defaults):
-    """argv -> options. With --demo the demo's settings (and the script's; a callable is called
-    with the demo folder) become defaults and argv is parsed again: the user's options win."""
+def demo_defaults(args):
+    """--demo's settings, which become defaults (the user's options still win): the synthetic
+    dataset (written once to the demo folder), its own cache, 20 epochs of 2 views at 1e-3."""
+    demo_data = os.path.join(DEMO_DIR, "data-v2")  # v2: a scalp; a new generator, a new name
+    if not os.path.isdir(demo_data):
+        data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
+    defaults = dict(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
+                    views=2, lr=1e-3, overwrite=True)
+    if args.trainable_blocks == 0:  # a probe, as CLIP's: plain view, trained to convergence
+        defaults.update(views=1, lr=1e-2, epochs=300, warmup_epochs=0)  # 0.07 s an epoch
+    return defaults
+
+
+def parse_args(parser, argv=None, model_demo_defaults=dict):
+    """argv -> options. With --demo, demo_defaults() and the script's model_demo_defaults() (a
+    tiny random model, written to the demo folder) become defaults and argv is parsed again."""
     args = parser.parse_args(argv)
     if args.demo:
         os.makedirs(DEMO_DIR, exist_ok=True)
-        demo_data = os.path.join(DEMO_DIR, "data-v2")  # v2: a scalp; a new generator, a new name
-        if not os.path.isdir(demo_data):
-            data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
-        defaults = dict(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
-                        views=2, lr=1e-3, overwrite=True)
-        if args.trainable_blocks == 0:  # a probe, as CLIP's: plain view, trained to convergence
-            defaults.update(views=1, lr=1e-2, epochs=300, warmup_epochs=0)  # 0.07 s an epoch
-        defaults.update({key: value(DEMO_DIR) if callable(value) else value
-                         for key, value in demo_model_defaults.items()})
-        parser.set_defaults(**defaults)
+        parser.set_defaults(**{**demo_defaults(args), **model_demo_defaults()})
         args = parser.parse_args(argv)
         torch.set_num_threads(1)  # a tiny model gains nothing from a second thread
     return args
 
 
-def main(argv=None):
+def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--model", default=MODEL,
                         help="open_clip architecture (e.g. ViT-B-16) or a .json model config")
@@ -941,9 +791,14 @@ def main(argv=None):
     parser.add_argument("--head", choices=["cosine", "mlp", "linear", "fusion"],
                         default="cosine", help="cosine: scale x cosine(image, prompts) (paper's "
                         "method); mlp: 768->512->4 on CLS (paper's code); linear: 768->4; "
-                        "fusion: MLP on [image, prompt] pairs")
-    args = parse_args(parser, argv, pretrained="none", model=lambda folder: stats.write_json(
-        TINY_CONFIG, os.path.join(folder, "clip-tiny.json")))
+                        "fusion: MLP on [image, prompt] pairs. --epochs 0 (zero-shot) always "
+                        "uses cosine: the prompts are the only trained head there is")
+    return parser
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv, lambda: dict(pretrained="none", model=stats.write_json(
+        TINY_CONFIG, os.path.join(DEMO_DIR, "clip-tiny.json"))))
     return run(args, build_model, "clip")
 
 

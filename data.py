@@ -16,6 +16,7 @@ import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -328,31 +329,45 @@ def store_stem(model, cache, pixels, keys):
         cache.put(content_hash, view, feature)
 
 
+def few_shot(samples, shots, seed, split):
+    """`shots` samples of each class, drawn with the seed, in path order (the K-shot protocol)."""
+    rng = np.random.default_rng(seed)
+    by_class = [[s for s in samples if s.label == c] for c in range(len(CLASSES))]
+    fewest = min(len(members) for members in by_class)
+    if fewest < shots:
+        raise SystemExit(f"error: --shots {shots}: a class has only {fewest} {split} images; "
+                         f"pass fewer")
+    return sorted((members[i] for members in by_class
+                   for i in rng.permutation(len(members))[:shots]), key=lambda s: s.path)
+
+
 def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
-    """Run the stem on each (image, view) of jobs {path: (content hash, view ids)} not yet cached
-    (no cache: only decode); returns the undecodable paths (skip_bad; else the first stops)."""
+    """Run the stem on each (image, view) of jobs {path: (content hash, view ids)} that the cache
+    lacks; returns the undecodable paths (skip_bad; else the first one stops the run). With no
+    cache (--no-cache) every image is decoded once, only to find the bad ones before training."""
     todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
-            if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
-    bad, decoded, started = [], {}, time.time()
+            if cache is None or not os.path.exists(cache.path(h, v))]
+    bad, pending, started = [], [], time.time()  # pending: (view pixels, (hash, view)) to run
     model.eval()
-    for start in tqdm(range(0, len(todo), batch_size), desc="feature cache", unit="batch",
-                      disable=not PROGRESS or not todo):
-        pixels, keys = [], []
-        for path, h, v in todo[start:start + batch_size]:
-            if path not in decoded:  # decoded once for all its views (todo is in path order,
-                try:                 # so only the last image is kept)
-                    decoded = {path: load_rgb(os.path.join(data_dir, path))}
-                except DecodeError as error:
-                    if not skip_bad:
-                        raise SystemExit(f"error: {error}")
-                    bad.append(path)
-                    decoded = {path: None}
-            if decoded[path] is not None and cache:
-                pixels.append(make_view(decoded[path], h, v, model.image_size))
-                keys.append((h, v))
-        if pixels:
-            store_stem(model, cache, pixels, keys)
-    if todo and cache:
+    by_image = itertools.groupby(todo, key=lambda job: job[:2])  # each image decoded once
+    for (path, content_hash), views in tqdm(by_image, desc="feature cache", unit="image",
+                                            total=len(jobs), disable=not PROGRESS or not todo):
+        try:
+            image = load_rgb(os.path.join(data_dir, path))
+        except DecodeError as error:
+            if not skip_bad:
+                raise SystemExit(f"error: {error}")
+            bad.append(path)
+            continue
+        if cache is not None:
+            pending += [(make_view(image, content_hash, v, model.image_size), (content_hash, v))
+                        for *_, v in views]
+        while len(pending) >= batch_size:
+            store_stem(model, cache, *zip(*pending[:batch_size]))
+            pending = pending[batch_size:]
+    if pending:
+        store_stem(model, cache, *zip(*pending))
+    if todo and cache is not None:
         print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
               f"({cache.dir})")
     return bad
@@ -424,23 +439,6 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
         if not os.path.isfile(os.path.join(out_dir, "lesions.csv")):
             raise SystemExit(f"error: {out_dir}: folder is not empty; choose a new --out")
     return out_dir
-
-
-def read_lesion_boxes(csv_path):
-    """{image path: (x0, y0, x1, y1)} of a CSV path,x0,y0,x1,y1 like lesions.csv: pixels of the
-    image file, x1 and y1 exclusive, paths relative to the folder the images are under."""
-    boxes, line = {}, 1
-    try:
-        with open(csv_path, newline="") as f:
-            for line, row in enumerate(csv.DictReader(f), start=2):
-                box = tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1"))
-                if not 0 <= box[0] < box[2] or not 0 <= box[1] < box[3] or row["path"] in boxes:
-                    raise ValueError(f"box {box} of {row['path']}")
-                boxes[row["path"]] = box
-    except (OSError, KeyError, TypeError, ValueError) as error:
-        raise SystemExit(f"error: {csv_path}:{line}: {type(error).__name__}: {error}; need a CSV "
-                         f"path,x0,y0,x1,y1 of whole pixels 0 <= x0 < x1, 0 <= y0 < y1, a row each")
-    return boxes
 
 
 # ---- finding copies: for audit, split --leak-free, merge, and every run's leak check ----------

@@ -19,11 +19,6 @@ N_RESAMPLES = 2000         # bootstrap resamples per interval
 CONFIDENCE_LEVEL = 0.95    # two-sided level of every interval
 SEED = 0                   # seed of the bootstrap resampling (np.random.default_rng)
 ECE_BINS = 15              # equal-width confidence bins of the expected calibration error
-# Pointing game tolerance: 15 pixels at 224 (Zhang et al. 2018), scaled with the input size: a map
-# made on patches and upsampled can peak about a patch off the lesion. `chance` uses the same grown
-# box, so the tolerance cannot flatter the comparison.
-POINTING_TOLERANCE = 15 / 224
-BRAIN_THRESHOLD = 0.1      # grey value in [0, 1] above which a pixel is brain (MRI background ~0)
 
 
 # ---- classification metrics from hard predictions ----------------------------------------------
@@ -271,123 +266,6 @@ def accuracy_difference_ci(correct_a, correct_b, **bootstrap_options):
     # sums of exact -1 / 0 / 1 values: equal resamples give bit-equal means, as BCa's bias needs
     differences = np.asarray(correct_a, dtype=float) - np.asarray(correct_b, dtype=float)
     return bootstrap_ci((differences,), np.mean, **bootstrap_options)
-
-
-# ---- explanation maps --------------------------------------------------------------------------
-
-def _keep_tokens(module, where, captured):
-    """Hook appending module's output, or its first input (hidden_states, maybe a keyword in
-    transformers' BLIP layers), to captured; returns the handle to remove."""
-    def keep(module, args, kwargs, output=None):
-        captured.append(output if where == "output" else args[0] if args else
-                        kwargs["hidden_states"])
-    if where == "output":
-        return module.register_forward_hook(keep, with_kwargs=True)
-    return module.register_forward_pre_hook(keep, with_kwargs=True)
-
-
-def _patch_grid(tokens):
-    """ViT tokens (B, 1 + h*w, D) -> (B, D, h, w), the CLS token dropped."""
-    side = int(round((tokens.shape[1] - 1) ** 0.5))
-    return tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, side, side)
-
-
-def grad_cam(model, images, classes):
-    """(B, h, w) Grad-CAM (Selvaraju et al. 2017) of classes (B,) on images (B, 3, S, S):
-    A (B, K, h, w) = the activations model.explain_layer() names (a ViT: the patch tokens entering
-    its last block); w_k = mean over positions of d logit[class] / d A_k; map = ReLU(sum_k w_k A_k).
-    The full forward runs with images.requires_grad, so a frozen stem's A is in the graph."""
-    import torch
-    module, where = model.explain_layer()
-    captured = []
-    handle = _keep_tokens(module, where, captured)
-    try:
-        logits = model(images.detach().requires_grad_(True))
-    finally:
-        handle.remove()
-    activations = captured[0]
-    gradients, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), activations)
-    if activations.dim() == 3:  # ViT tokens
-        activations, gradients = _patch_grid(activations), _patch_grid(gradients)
-    weights = gradients.mean((2, 3), keepdim=True)                       # (B, K, 1, 1)
-    return torch.relu((weights * activations).sum(1)).detach().cpu().numpy()
-
-
-def attention_probabilities(block, tokens):
-    """(B, heads, T, T) attention of an open_clip, timm or BLIP block on its input (B, T, D)."""
-    if hasattr(block, "ln_1"):  # open_clip: nn.MultiheadAttention returns them
-        normed = block.ln_1(tokens)
-        return block.attn(normed, normed, normed, need_weights=True,
-                          average_attn_weights=False)[1]
-    attn = block.self_attn if hasattr(block, "self_attn") else block.attn  # BLIP, timm: fused qkv
-    normed = block.layer_norm1(tokens) if hasattr(block, "layer_norm1") else block.norm1(tokens)
-    batch, n_tokens, width = tokens.shape
-    qkv = attn.qkv(normed).view(batch, n_tokens, 3, attn.num_heads, width // attn.num_heads)
-    query, keys = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, nh, T, hd)
-    if hasattr(attn, "q_norm"):  # timm's optional query and key norms
-        query, keys = attn.q_norm(query), attn.k_norm(keys)
-    return (query @ keys.transpose(-2, -1) * attn.scale).softmax(-1)
-
-
-def attention_rollout(model, images):
-    """(B, h, w) attention rollout (Abnar & Zuidema 2020): per block the head-averaged attention
-    A (B, T, T), the residual added as (A + I) / 2 with rows renormalised, multiplied over the
-    blocks from the first; the map is the CLS row's weight on each patch."""
-    import torch
-    blocks = model.attention_blocks()
-    if not blocks:
-        raise SystemExit("error: --explain-method rollout: this model has no attention blocks "
-                         "(a CNN); use --explain-method gradcam")
-    inputs = []
-    handles = [_keep_tokens(block, "input", inputs) for block in blocks]
-    with torch.no_grad():
-        try:
-            model(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-        rollout = identity = torch.eye(inputs[0].shape[1], device=inputs[0].device)  # (T, T)
-        for block, tokens in zip(blocks, inputs):
-            attention = attention_probabilities(block, tokens).mean(1) + identity  # (B, T, T)
-            rollout = attention / attention.sum(-1, keepdim=True) @ rollout
-    return _patch_grid(rollout[:, :1].transpose(1, 2))[:, 0].cpu().numpy()  # CLS row (B, h, w)
-
-
-def pointing_game(maps, boxes, brain_masks, tolerance):
-    """(hit rate, chance) of maps (H, W) with lesion boxes (x0, y0, x1, y1; x1, y1 exclusive) and
-    brain masks at the maps' pixels. Hit: the map's first (row-major) maximum is in the box grown
-    by tolerance pixels. chance: the share of brain pixels in that box, a random brain point's."""
-    hits, chances = [], []
-    for heat, (x0, y0, x1, y1), brain in zip(maps, boxes, brain_masks, strict=True):
-        rows, cols = np.indices(heat.shape)                              # (H, W) each
-        in_box = ((cols >= x0 - tolerance) & (cols < x1 + tolerance)
-                  & (rows >= y0 - tolerance) & (rows < y1 + tolerance))
-        hits.append(in_box[np.unravel_index(np.argmax(heat), heat.shape)])
-        chances.append(np.mean(in_box[np.asarray(brain, dtype=bool)]))
-    return float(np.mean(hits)), float(np.mean(chances))
-
-
-def plot_explanation(image, heat, title, path, box=None):
-    """PNG: the title over image (3, S, S) in [0, 1] and, beside it, the image under heat map
-    (S, S) (jet colours, min to max, 45 %) and the lesion box (x1, y1 exclusive), each at least
-    256 px. Drawn with PIL: a matplotlib figure takes 30x longer (0.15 s an overlay)."""
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw, ImageFont
-    picture = np.transpose(np.asarray(image, dtype=np.float64), (1, 2, 0))  # (S, S, 3)
-    colours = colormaps["jet"]((heat - heat.min()) / max(np.ptp(heat), 1e-12))[..., :3]
-    scale, margin, top = max(1, -(-256 // len(picture))), 8, 40
-    side = len(picture) * scale
-    canvas = Image.new("RGB", (2 * side + 3 * margin, side + top + margin), "white")
-    for k, pixels in enumerate((picture, 0.55 * picture + 0.45 * colours)):
-        panel = Image.fromarray(np.uint8(np.round(255 * pixels.clip(0, 1))))
-        canvas.paste(panel.resize((side, side), Image.NEAREST), (margin + k * (side + margin), top))
-    draw = ImageDraw.Draw(canvas)
-    draw.multiline_text((margin, 4), title, fill="black", font=ImageFont.load_default(13))
-    if box is not None:
-        x0, y0, x1, y1 = (scale * v for v in box)
-        left = 2 * margin + side
-        draw.rectangle([left + x0, top + y0, left + x1 - 1, top + y1 - 1], outline="white")
-    canvas.save(path)
 
 
 # ---- the run folder: metrics.json, predictions.csv, report.txt, figures ------------------------

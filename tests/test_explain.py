@@ -8,11 +8,12 @@
   product written out; a CNN has no rollout.
 - The pointing game on a hand-made map, box (exclusive ends) and brain mask; the overlay draws
   the box on the right pixels.
-- --predict on a trained tiny run's test folder gives its predictions.csv (labels, 1e-5
-  probabilities: CLIP, a CNN trained whole and one on a cached stem); undecodable files are listed, hidden and non-image files skipped; another
-  script's run, another class list, another stem, a folder without config.json, a killed run
+- predict.py RUN DIR on a trained tiny run's test folder gives its predictions.csv (labels, 1e-5
+  probabilities: CLIP, a CNN trained whole and one on a cached stem: each run picks its own
+  script); undecodable files are listed, hidden and non-image files skipped; a damaged
+  config, another class list, another stem, a folder without config.json, a killed run
   without best.pt, an empty folder and an existing CSV (without --overwrite) are refused.
-- --explain writes overlays and explain.json with the pointing game where lesions.csv exists;
+- predict.py RUN --explain writes overlays and explain.json with the pointing game where lesions.csv exists;
   a second call needs --overwrite, which replaces the earlier maps and keeps the user's files.
 - The pointing game that the issue asks for: attention rollout of the trained tiny CLIP is well
   above chance on the synthetic lesions, the same model untrained (--epochs 0) is not.
@@ -34,6 +35,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 import baselines
 import blip_tumor
 import clip_tumor
+import predict
 import stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
@@ -73,7 +75,7 @@ def assert_grad_cam_equals_oracle(model, target_layer, reshape_transform=None):
     images = torch.rand(3, 3, model.image_size, model.image_size, generator=torch.Generator()
                         .manual_seed(0))
     classes = torch.tensor([0, 2, 3])
-    ours = stats.grad_cam(model, images, classes)
+    ours = predict.grad_cam(model, images, classes)
     assert ours.shape[0] == 3 and ours.ndim == 3 and ours.max() > 0
     with GradCAM(model=model, target_layers=[target_layer],
                  reshape_transform=reshape_transform) as cam:
@@ -107,7 +109,7 @@ def test_attention_and_rollout_equal_transformers_and_multihead_attention(
     inputs = out.hidden_states[:-1]  # the embeddings, then each layer's output
     for layer, tokens, attention in zip(layers, inputs, out.attentions, strict=True):
         with torch.no_grad():
-            torch.testing.assert_close(stats.attention_probabilities(layer, tokens), attention,
+            torch.testing.assert_close(predict.attention_probabilities(layer, tokens), attention,
                                        atol=1e-5, rtol=0)
     assert_rollout_is_the_product(blip, images, out.attentions)
 
@@ -120,12 +122,12 @@ def test_attention_and_rollout_equal_transformers_and_multihead_attention(
             heads = lambda x: x.view(2, -1, mha.num_heads, mha.head_dim).transpose(1, 2)
             attentions.append((heads(query) @ heads(keys).transpose(-2, -1)
                                / mha.head_dim ** 0.5).softmax(-1))
-            torch.testing.assert_close(stats.attention_probabilities(block, tokens),
+            torch.testing.assert_close(predict.attention_probabilities(block, tokens),
                                        attentions[-1], atol=1e-5, rtol=0)
             tokens = block(tokens)
     assert_rollout_is_the_product(clip, images, attentions)
     with pytest.raises(SystemExit, match="no attention blocks"):
-        stats.attention_rollout(small_cnn(64), images)
+        predict.attention_rollout(small_cnn(64), images)
 
 
 def F_linear(x, weight, bias):
@@ -139,7 +141,7 @@ def assert_rollout_is_the_product(model, images, attentions):
         mixed = attention.mean(1) + torch.eye(attention.shape[-1])
         product = mixed / mixed.sum(-1, keepdim=True) @ product
     expected = product[:, 0, 1:].reshape(len(images), 8, 8).numpy()
-    np.testing.assert_allclose(stats.attention_rollout(model, images), expected, atol=1e-5)
+    np.testing.assert_allclose(predict.attention_rollout(model, images), expected, atol=1e-5)
 
 
 def test_pointing_game_on_a_hand_made_map():
@@ -148,9 +150,9 @@ def test_pointing_game_on_a_hand_made_map():
     heat[1, 5, 5] = 1  # x = 5 = x1: outside, exclusive end
     box, brain = (2, 3, 5, 6), np.zeros((10, 10), bool)
     brain[:, :4] = True  # brain: columns 0..3, 40 pixels; in the box: x 2..3, y 3..5 = 6
-    assert stats.pointing_game(heat, [box, box], [brain, brain], 0) == (0.5, 6 / 40)
+    assert predict.pointing_game(heat, [box, box], [brain, brain], 0) == (0.5, 6 / 40)
     # tolerance 1: box x 1..5, y 2..6: both hit; brain pixels in it: x 1..3, y 2..6 = 15
-    assert stats.pointing_game(heat, [box, box], [brain, brain], 1) == (1.0, 15 / 40)
+    assert predict.pointing_game(heat, [box, box], [brain, brain], 1) == (1.0, 15 / 40)
 
 
 def test_overlay_draws_the_box_where_it_is(tmp_path):
@@ -158,7 +160,7 @@ def test_overlay_draws_the_box_where_it_is(tmp_path):
     the right panel's pixels 4 * (x, y) (x1, y1 exclusive); the plain panel shows the image."""
     image, heat = torch.zeros(3, 64, 64), np.zeros((64, 64))
     image[:, 10, 20] = 1.0  # one white pixel at (y, x) = (10, 20)
-    stats.plot_explanation(image, heat, "t", str(tmp_path / "o.png"), box=(2, 3, 5, 6))
+    predict.plot_explanation(image, heat, "t", str(tmp_path / "o.png"), box=(2, 3, 5, 6))
     png = np.asarray(Image.open(tmp_path / "o.png"))
     assert png.shape == (40 + 256 + 8, 3 * 8 + 2 * 256, 3)
     left, top = 2 * 8 + 256, 40
@@ -180,8 +182,7 @@ def read_rows(path):
 
 def test_predict_reproduces_the_runs_predictions(trained_run, synth_dir, tmp_path, capsys):
     out = str(tmp_path / "preds.csv")
-    clip_tumor.main(["--predict", os.path.join(synth_dir, "Testing"), "--run", trained_run,
-                     "--out", out])
+    predict.main([trained_run, os.path.join(synth_dir, "Testing"), "--out", out])
     ours, theirs = read_rows(out), read_rows(os.path.join(trained_run, "predictions.csv"))
     assert {"Testing/" + path for path in ours} == set(theirs)
     for path, row in ours.items():
@@ -197,10 +198,10 @@ def test_predict_reproduces_the_runs_predictions(trained_run, synth_dir, tmp_pat
     (folder / "scans" / "broken.png").write_bytes(b"not an image")
     (folder / ".hidden.jpg").write_bytes(b"hidden")
     (folder / "notes.txt").write_text("ignored")
-    clip_tumor.main(["--predict", str(folder), "--run", trained_run])
+    predict.main([trained_run, str(folder)])
     written = os.path.join(trained_run, "predictions_new.csv")
     with pytest.raises(SystemExit, match="predictions_new.csv: exists; pass --overwrite"):
-        clip_tumor.main(["--predict", str(folder), "--run", trained_run])
+        predict.main([trained_run, str(folder)])
     rows = read_rows(written)
     assert set(rows) == {"a.jpg", "scans/broken.png"} and "label" not in rows["a.jpg"]
     assert rows["scans/broken.png"]["pred"] == "undecodable"
@@ -214,7 +215,7 @@ def test_cnn_predict_reproduces_the_runs_predictions(extra, small_dir, tmp_path)
                               "none", "--image-size", "64", "--views", "1", "--epochs", "1",
                               "--cache-dir", str(tmp_path / "cache"), "--out", run, *extra])
     assert metrics["cached"] == bool(extra)
-    baselines.main(["--predict", os.path.join(small_dir, "Testing"), "--run", run])
+    predict.main([run, os.path.join(small_dir, "Testing")])
     ours = read_rows(os.path.join(run, "predictions_Testing.csv"))
     theirs = read_rows(os.path.join(run, "predictions.csv"))
     assert {"Testing/" + path for path in ours} == set(theirs)
@@ -225,21 +226,22 @@ def test_cnn_predict_reproduces_the_runs_predictions(extra, small_dir, tmp_path)
                        ) <= 1e-5
 
 
-def test_predict_refuses_another_model_or_class_list(trained_run, synth_dir, tmp_path):
+def test_predict_refuses_a_damaged_run_or_another_class_list(trained_run, synth_dir, tmp_path):
     images = os.path.join(synth_dir, "Testing")
-    with pytest.raises(SystemExit, match="clip model"):
-        blip_tumor.main(["--predict", images, "--run", trained_run])
     with pytest.raises(SystemExit, match="config.json: cannot read the run's options"):
-        clip_tumor.main(["--predict", images, "--run", str(tmp_path)])
+        predict.main([str(tmp_path), images])
     shutil.copytree(trained_run, tmp_path / "killed")  # stopped before its first epoch ended
     os.remove(tmp_path / "killed" / "best.pt")
     with pytest.raises(SystemExit, match="best.pt: not found.*--resume"):
-        clip_tumor.main(["--predict", images, "--run", str(tmp_path / "killed")])
-    with pytest.raises(SystemExit, match="--predict DIR and --run RUN_DIR go together"):
-        clip_tumor.main(["--run", trained_run])
+        predict.main([str(tmp_path / "killed"), images])
+    with pytest.raises(SystemExit, match="give IMAGES_DIR .* or --explain"):
+        predict.main([trained_run])
+    for moved in (["--predict", images, "--run", trained_run], ["--explain", trained_run]):
+        with pytest.raises(SystemExit, match=f"{moved[0]} moved to predict.py"):
+            clip_tumor.main(moved)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no image files in it"):
-        clip_tumor.main(["--predict", str(tmp_path / "empty"), "--run", trained_run])
+        predict.main([trained_run, str(tmp_path / "empty")])
     for key, change in (("classes", ["glioma", "meningioma", "notumor", "other"]),
                         ("model_key", "frozen_digest")):
         copy = tmp_path / key
@@ -251,11 +253,11 @@ def test_predict_refuses_another_model_or_class_list(trained_run, synth_dir, tmp
             config["model_key"][change] = "0" * 40
         (copy / "config.json").write_text(json.dumps(config))
         with pytest.raises(SystemExit, match=f"{change[-1] if key == 'classes' else change}"):
-            clip_tumor.main(["--predict", images, "--run", str(copy)])
+            predict.main([str(copy), images])
 
 
 def test_explain_writes_overlays_and_the_pointing_game(trained_run):
-    result = clip_tumor.main(["--explain", trained_run, "--n", "4"])
+    result = predict.main([trained_run, "--explain", "--n", "4", "--method", "gradcam"])
     folder = os.path.join(trained_run, "explain")
     assert len([name for name in os.listdir(folder) if name.endswith(".png")]) == 4
     with open(os.path.join(folder, "explain.json")) as f:
@@ -267,15 +269,15 @@ def test_explain_writes_overlays_and_the_pointing_game(trained_run):
     with open(os.path.join(folder, "mine.txt"), "w") as f:  # a user's file in the folder
         f.write("notes")
     with pytest.raises(SystemExit, match="explain.json: exists; pass --overwrite"):
-        clip_tumor.main(["--explain", trained_run, "--n", "2"])
-    clip_tumor.main(["--explain", trained_run, "--n", "2", "--overwrite"])
+        predict.main([trained_run, "--explain", "--n", "2"])
+    predict.main([trained_run, "--explain", "--n", "2", "--overwrite"])
     assert sorted(name for name in os.listdir(folder) if not name.endswith(".png")) == [
         "explain.json", "mine.txt"]  # the earlier maps replaced, the user's file kept
     assert len([name for name in os.listdir(folder) if name.endswith(".png")]) == 2
     with open(os.path.join(folder, "explain.json"), "w") as f:
         f.write("{")  # damaged: which maps it wrote is unknown, so nothing is removed
     with pytest.raises(SystemExit, match="explain.json: cannot read which maps it wrote"):
-        clip_tumor.main(["--explain", trained_run, "--n", "2", "--overwrite"])
+        predict.main([trained_run, "--explain", "--n", "2", "--overwrite"])
     assert len([name for name in os.listdir(folder) if name.endswith(".png")]) == 2
 
 
@@ -290,8 +292,8 @@ def test_trained_attention_finds_the_lesions_and_untrained_does_not(trained_clip
                      "--cache-dir", os.path.join(os.path.dirname(trained), "cache")])
     above_chance = {}
     for name, run in (("trained", trained), ("untrained", str(tmp_path / "untrained"))):
-        result = clip_tumor.main(["--explain", run, "--n", "100", "--explain-method", "rollout",
-                                  "--out", str(tmp_path / name)])
+        result = predict.main([run, "--explain", "--n", "100", "--out", str(tmp_path / name)])
+        assert result["method"] == "rollout"  # a ViT's default
         assert result["n_scored"] == 30 and 0.1 < result["chance"] < 0.3
         above_chance[name] = result["pointing_game"] - result["chance"]
     assert above_chance["trained"] >= 0.5 and above_chance["untrained"] <= 0.2, above_chance
@@ -314,4 +316,4 @@ def test_lesion_boxes_are_read_and_bad_rows_named(tmp_path):
 
 
 def read_boxes(path):
-    return clip_tumor.data.read_lesion_boxes(str(path))
+    return predict.read_lesion_boxes(str(path))

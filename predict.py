@@ -1,0 +1,392 @@
+"""Use a trained run: classify new images, draw and score explanation maps.
+
+    python predict.py RUN NEW_SCANS            # RUN/predictions_NEW_SCANS.csv: path[,label],pred,p_<class>
+    python predict.py RUN --explain --n 8      # RUN/explain/: overlays, explain.json (pointing game)
+
+Works for the runs of clip_tumor.py, blip_tumor.py and baselines.py: RUN/config.json names the
+script that trained it (`args.script`), whose build_model rebuilds the model from the run's own
+options; best.pt's weights are loaded and the run's own path is taken (a cached stem's output is
+rounded to fp16 as the cache stores it), so on the run's test images this gives predictions.csv
+exactly (tested). No training script imports this file.
+
+Maps, hand-written and checked: Grad-CAM (= pytorch-grad-cam, 1e-4) on a CNN's last stage or the
+tokens entering a ViT's last block; attention rollout (attentions = transformers', 1e-5). The
+default is the map that points at the lesions on the demo data: rollout for a ViT (demo CLIP
+0.956 vs Grad-CAM 0.289, chance 0.188), Grad-CAM for a CNN (which has no attention).
+"""
+import argparse
+import csv
+import importlib
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clip_tumor
+import data
+import stats
+
+SCRIPTS = {"clip": "clip_tumor", "blip": "blip_tumor", "cnn": "baselines"}  # args.script -> module
+# Pointing game tolerance: 15 pixels at 224 (Zhang et al. 2018), scaled with the input size: a map
+# made on patches and upsampled can peak about a patch off the lesion. `chance` uses the same grown
+# box, so the tolerance cannot flatter the comparison.
+POINTING_TOLERANCE = 15 / 224
+BRAIN_THRESHOLD = 0.1          # grey value in [0, 1] above which a pixel is brain (MRI background ~0)
+
+
+# ---- the run: its model, rebuilt from its own options ------------------------------------------
+
+def load_run(run_dir, device="auto"):
+    """(the run's model with best.pt's weights, in eval mode; its options, the training script's
+    defaults filling keys an older run lacks; the script's module). A zero-shot run (--epochs 0)
+    has no best.pt and needs none."""
+    config_path, best_path = (os.path.join(run_dir, name) for name in ("config.json", "best.pt"))
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        script = importlib.import_module(SCRIPTS[config["args"]["script"]])
+        defaults = vars(script.build_parser().parse_args([]))
+        options = argparse.Namespace(**{**defaults, **config["args"], "benchmark": False,
+                                        "device": device})
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: {config_path}: cannot read the run's options ({error!r}); pass "
+                         f"a run folder made by a training script")
+    if options.epochs and not os.path.isfile(best_path):
+        raise SystemExit(f"error: {best_path}: not found; the run stopped before its first "
+                         f"epoch ended: continue it with --resume {run_dir}")
+    model = script.build_model(options)
+    rebuilt = json.loads(json.dumps(model.cache_key))  # tuples -> lists, as in config.json
+    changed = [key for key in {**rebuilt, **config["model_key"]}
+               if rebuilt.get(key) != config["model_key"].get(key)]
+    if changed or list(model.class_names) != config["classes"]:
+        raise SystemExit(f"error: {config_path}: classes {config['classes']}, model "
+                         f"{config['model_key']['model']}; the model rebuilt from its options "
+                         f"has classes {list(model.class_names)} and differs in {changed}: use "
+                         f"the weights and class list the run was trained with")
+    if options.epochs:
+        model.load_state_dict(torch.load(best_path, weights_only=True)["model"], strict=False)
+    return model.to(clip_tumor.pick_device(options)).eval(), options
+
+
+def images_under(folder):
+    """Image files under folder at any depth, sorted (data.files_under: hidden ones skipped)."""
+    paths = list(filter(data.is_image, data.files_under(folder)))
+    if not paths:
+        problem = "no image files in it" if os.path.isdir(folder) else "no such folder"
+        raise SystemExit(f"error: {folder}: {problem}; pass a folder of images "
+                         f"({', '.join(sorted(data.IMAGE_EXTENSIONS))})")
+    return paths
+
+
+def folder_label(path):
+    """The class named by the image's parent folder (glioma/, no_tumor/, ...), or None."""
+    return data.normalise_class_name(os.path.basename(os.path.dirname(path)))
+
+
+def decode_images(paths, root=""):
+    """({path: RGB image} of the paths under root that decode, [the others]); each one skipped is
+    named in a note (view 0, the resized image, needs no content hash: no file hash is read)."""
+    images, undecodable = {}, []
+    for path in paths:
+        try:
+            images[path] = data.load_rgb(os.path.join(root, path))
+        except data.DecodeError:
+            undecodable.append(path)
+            print(f"note: {os.path.join(root, path)}: cannot decode image; skipped (listed)")
+    return images, undecodable
+
+
+@torch.no_grad()
+def run_probabilities(model, options, pixels):
+    """(B, C) probabilities of view-0 pixels (B, 3, S, S) along the run's own path: a cached run
+    read the stem's output from the cache, stored in fp16, so it is rounded the same way here."""
+    pixels = pixels.to(model.mean.device)
+    logits = model(pixels) if options.no_cache else model.top(model.stem(pixels).half().float())
+    return logits.float().softmax(-1).cpu()
+
+
+# ---- new images --------------------------------------------------------------------------------
+
+def predict_folder(model, options, folder, out):
+    """CSV path[,label],pred,p_<class>... of every image under folder (label: class folders)."""
+    rows, bad = [], []  # rows: path, label or "", pred, probabilities
+    paths = images_under(folder)
+    for start in tqdm(range(0, len(paths), options.batch_size), desc="predict", leave=False,
+                      disable=not data.PROGRESS):
+        images, undecodable = decode_images(paths[start:start + options.batch_size])
+        bad += undecodable
+        pixels = [data.image_view(image, None, 0, model.image_size) for image in images.values()]
+        probs = run_probabilities(model, options, torch.stack(pixels)) if pixels else []
+        for path, p in zip(images, probs):
+            rows.append([path, folder_label(path) or "", model.class_names[p.argmax()],
+                         *(f"{x:.6f}" for x in p.tolist())])
+    rows += [[path, "", "undecodable"] + [""] * model.n_classes for path in bad]
+    labelled = [row for row in rows if row[1]]
+    header = ["path", "label", "pred"] + [f"p_{name}" for name in model.class_names]
+    columns = [c for c in range(len(header)) if c != 1 or labelled]  # label: class folders only
+    table = [[os.path.relpath(row[0], folder).replace(os.sep, "/"), *row[1:]] for row in rows]
+    stats.atomic_write(out, lambda f: csv.writer(f).writerows(
+        [[row[c] for c in columns] for row in [header] + table]), "w")
+    if labelled:
+        accuracy = np.mean([row[1] == row[2] for row in labelled])
+        print(f"accuracy {accuracy:.4f} on the {len(labelled)} images in class folders")
+    print(f"wrote {out}: {len(rows)} images")
+    return out
+
+
+# ---- explanation maps: Grad-CAM and attention rollout ------------------------------------------
+
+def keep_tokens(module, where, captured):
+    """Hook appending module's output, or its first input (hidden_states, maybe a keyword in
+    transformers' BLIP layers), to captured; returns the handle to remove."""
+    def keep(module, args, kwargs, output=None):
+        captured.append(output if where == "output" else args[0] if args else
+                        kwargs["hidden_states"])
+    if where == "output":
+        return module.register_forward_hook(keep, with_kwargs=True)
+    return module.register_forward_pre_hook(keep, with_kwargs=True)
+
+
+def patch_grid(tokens):
+    """ViT tokens (B, 1 + h*w, D) -> (B, D, h, w), the CLS token dropped."""
+    side = int(round((tokens.shape[1] - 1) ** 0.5))
+    return tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, side, side)
+
+
+def grad_cam(model, images, classes):
+    """(B, h, w) Grad-CAM (Selvaraju et al. 2017) of classes (B,) on images (B, 3, S, S):
+    A (B, K, h, w) = the activations model.explain_layer() names (a ViT: the patch tokens entering
+    its last block); w_k = mean over positions of d logit[class] / d A_k; map = ReLU(sum_k w_k A_k).
+    The full forward runs with images.requires_grad, so a frozen stem's A is in the graph."""
+    module, where = model.explain_layer()
+    captured = []
+    handle = keep_tokens(module, where, captured)
+    try:
+        logits = model(images.detach().requires_grad_(True))
+    finally:
+        handle.remove()
+    activations = captured[0]
+    gradients, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), activations)
+    if activations.dim() == 3:  # ViT tokens
+        activations, gradients = patch_grid(activations), patch_grid(gradients)
+    weights = gradients.mean((2, 3), keepdim=True)                       # (B, K, 1, 1)
+    return torch.relu((weights * activations).sum(1)).detach().cpu().numpy()
+
+
+def attention_probabilities(block, tokens):
+    """(B, heads, T, T) attention of an open_clip, timm or BLIP block on its input (B, T, D)."""
+    if hasattr(block, "ln_1"):  # open_clip: nn.MultiheadAttention returns them
+        normed = block.ln_1(tokens)
+        return block.attn(normed, normed, normed, need_weights=True,
+                          average_attn_weights=False)[1]
+    attn = block.self_attn if hasattr(block, "self_attn") else block.attn  # BLIP, timm: fused qkv
+    normed = block.layer_norm1(tokens) if hasattr(block, "layer_norm1") else block.norm1(tokens)
+    query, keys, _ = clip_tumor.fused_qkv(attn.qkv, attn.num_heads, normed)  # (B, nh, T, hd)
+    if hasattr(attn, "q_norm"):  # timm's optional query and key norms
+        query, keys = attn.q_norm(query), attn.k_norm(keys)
+    return (query @ keys.transpose(-2, -1) * attn.scale).softmax(-1)
+
+
+def attention_rollout(model, images):
+    """(B, h, w) attention rollout (Abnar & Zuidema 2020): per block the head-averaged attention
+    A (B, T, T), the residual added as (A + I) / 2 with rows renormalised, multiplied over the
+    blocks from the first; the map is the CLS row's weight on each patch."""
+    blocks = model.attention_blocks()
+    if not blocks:
+        raise SystemExit("error: --method rollout: this model has no attention blocks (a CNN); "
+                         "use --method gradcam")
+    inputs = []
+    handles = [keep_tokens(block, "input", inputs) for block in blocks]
+    with torch.no_grad():
+        try:
+            model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        rollout = identity = torch.eye(inputs[0].shape[1], device=inputs[0].device)  # (T, T)
+        for block, tokens in zip(blocks, inputs):
+            attention = attention_probabilities(block, tokens).mean(1) + identity  # (B, T, T)
+            rollout = attention / attention.sum(-1, keepdim=True) @ rollout
+    return patch_grid(rollout[:, :1].transpose(1, 2))[:, 0].cpu().numpy()  # CLS row (B, h, w)
+
+
+def pointing_game(maps, boxes, brain_masks, tolerance):
+    """(hit rate, chance) of maps (H, W) with lesion boxes (x0, y0, x1, y1; x1, y1 exclusive) and
+    brain masks at the maps' pixels. Hit: the map's first (row-major) maximum is in the box grown
+    by tolerance pixels. chance: the share of brain pixels in that box, a random brain point's."""
+    hits, chances = [], []
+    for heat, (x0, y0, x1, y1), brain in zip(maps, boxes, brain_masks, strict=True):
+        rows, cols = np.indices(heat.shape)                              # (H, W) each
+        in_box = ((cols >= x0 - tolerance) & (cols < x1 + tolerance)
+                  & (rows >= y0 - tolerance) & (rows < y1 + tolerance))
+        hits.append(in_box[np.unravel_index(np.argmax(heat), heat.shape)])
+        chances.append(np.mean(in_box[np.asarray(brain, dtype=bool)]))
+    return float(np.mean(hits)), float(np.mean(chances))
+
+
+def plot_explanation(image, heat, title, path, box=None):
+    """PNG: the title over image (3, S, S) in [0, 1] and, beside it, the image under heat map
+    (S, S) (jet colours, min to max, 45 %) and the lesion box (x1, y1 exclusive), each at least
+    256 px. Drawn with PIL: a matplotlib figure takes 30x longer (0.15 s an overlay)."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+    picture = np.transpose(np.asarray(image, dtype=np.float64), (1, 2, 0))  # (S, S, 3)
+    colours = colormaps["jet"]((heat - heat.min()) / max(np.ptp(heat), 1e-12))[..., :3]
+    scale, margin, top = max(1, -(-256 // len(picture))), 8, 40
+    side = len(picture) * scale
+    canvas = Image.new("RGB", (2 * side + 3 * margin, side + top + margin), "white")
+    for k, pixels in enumerate((picture, 0.55 * picture + 0.45 * colours)):
+        panel = Image.fromarray(np.uint8(np.round(255 * pixels.clip(0, 1))))
+        canvas.paste(panel.resize((side, side), Image.NEAREST), (margin + k * (side + margin), top))
+    draw = ImageDraw.Draw(canvas)
+    draw.multiline_text((margin, 4), title, fill="black", font=ImageFont.load_default(13))
+    if box is not None:
+        x0, y0, x1, y1 = (scale * v for v in box)
+        left = 2 * margin + side
+        draw.rectangle([left + x0, top + y0, left + x1 - 1, top + y1 - 1], outline="white")
+    canvas.save(path)
+
+
+def read_lesion_boxes(csv_path):
+    """{image path: (x0, y0, x1, y1)} of a CSV path,x0,y0,x1,y1 like lesions.csv: pixels of the
+    image file, x1 and y1 exclusive, paths relative to the folder the images are under."""
+    boxes, line = {}, 1
+    try:
+        with open(csv_path, newline="") as f:
+            for line, row in enumerate(csv.DictReader(f), start=2):
+                box = tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1"))
+                if not 0 <= box[0] < box[2] or not 0 <= box[1] < box[3] or row["path"] in boxes:
+                    raise ValueError(f"box {box} of {row['path']}")
+                boxes[row["path"]] = box
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise SystemExit(f"error: {csv_path}:{line}: {type(error).__name__}: {error}; need a CSV "
+                         f"path,x0,y0,x1,y1 of whole pixels 0 <= x0 < x1, 0 <= y0 < y1, a row each")
+    return boxes
+
+
+def explain_paths(model, run_dir, n):
+    """The run's test images to explain: per class, in turn, the most confident right and the
+    most confident wrong, n in all."""
+    paths, y_true, y_pred, probs, _ = stats.read_predictions(
+        os.path.join(run_dir, "predictions.csv"))
+    confident = np.argsort(-probs.max(1), kind="stable")  # most confident first
+    queues = [[i for i in confident if y_true[i] == c and (y_pred[i] == c) == right]
+              for c in range(model.n_classes) for right in (True, False)]
+    order = [queue[k] for k in range(len(paths)) for queue in queues if k < len(queue)]
+    return [paths[i] for i in order[:n]]
+
+
+def remove_earlier_maps(out_dir):
+    """--overwrite: the overlays an earlier call listed in explain.json go, nothing else."""
+    earlier = os.path.join(out_dir, "explain.json")
+    if not os.path.isfile(earlier):
+        return
+    try:
+        with open(earlier) as f:
+            overlays = [record["overlay"] for record in json.load(f)["images"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: {earlier}: cannot read which maps it wrote ({error}); pass "
+                         f"another --out")
+    for overlay in overlays:
+        if os.path.isfile(os.path.join(out_dir, overlay)):
+            os.remove(os.path.join(out_dir, overlay))
+
+
+def explain(model, options, args):
+    """Heat maps of the predicted class for --n test images (explain_paths) or for the images
+    under --images: overlays and explain.json in RUN/explain/ (or --out), with the pointing game
+    where lesions are known (lesions.csv beside the images, or --lesions)."""
+    root, size = args.images or options.data, model.image_size
+    if not args.images and not os.path.isdir(root or ""):
+        raise SystemExit(f"error: {root}: the run's data folder is gone; pass --images DIR (and "
+                         f"--lesions CSV to score the maps)")
+    paths = [os.path.relpath(path, root) for path in images_under(root)] if args.images else \
+        explain_paths(model, args.run, args.n)
+    out_dir = args.out or os.path.join(args.run, "explain")
+    images, undecodable = decode_images(paths, root)
+    paths, images = list(images), list(images.values())
+    if not images:
+        raise SystemExit(f"error: {root}: no image to explain could be decoded")
+    lesions = args.lesions or os.path.join(root, "lesions.csv")
+    boxes = read_lesion_boxes(lesions) if args.lesions or os.path.isfile(lesions) else {}
+    method = args.method or ("rollout" if model.attention_blocks() else "gradcam")
+    pixels = torch.stack([data.image_view(image, None, 0, size) for image in images])
+    probs = run_probabilities(model, options, pixels)                    # (N, C)
+    preds = probs.argmax(1).to(model.mean.device)
+    maps = []
+    for k in range(0, len(pixels), options.batch_size):  # Grad-CAM keeps a batch's graph
+        batch = pixels[k:k + options.batch_size].to(model.mean.device)
+        maps.append(torch.from_numpy(grad_cam(model, batch, preds[k:k + len(batch)])
+                    if method == "gradcam" else attention_rollout(model, batch)))
+    maps = F.interpolate(torch.cat(maps)[:, None], size=size, mode="bilinear")[:, 0].numpy()
+    remove_earlier_maps(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    records, scored = [], []
+    for k, (path, image) in enumerate(zip(paths, images)):
+        box = boxes.get(path)  # the written image's pixels -> the model's input pixels
+        if box:
+            x0, y0, x1, y1 = np.array(box) * np.tile([size / image.width, size / image.height], 2)
+            box = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))  # x1, y1 outside
+            scored.append((maps[k], box, pixels[k].mean(0).numpy() > BRAIN_THRESHOLD))
+        y, x = np.unravel_index(np.argmax(maps[k]), maps[k].shape)
+        overlay = f"{k:02d}_{os.path.splitext(os.path.basename(path))[0]}.png"
+        records.append({"path": path, "label": folder_label(path), "box": box, "argmax_xy": [x, y],
+                        "pred": model.class_names[preds[k]], "probability": float(probs[k].max()),
+                        "overlay": overlay})
+        title = f"{path}\ntrue {records[-1]['label'] or 'unknown'}, predicted " \
+                f"{records[-1]['pred']} (p = {probs[k].max():.3f})"
+        plot_explanation(pixels[k], maps[k], title, os.path.join(out_dir, overlay), box)
+    result = {"run": args.run, "method": method, "explained": "predicted class",
+              "image_size": size, "images": records, "undecodable": undecodable}
+    if scored:  # tolerance in the model's input pixels
+        tolerance = POINTING_TOLERANCE * size
+        hit, chance = pointing_game(*zip(*scored), tolerance)
+        result.update(pointing_game=hit, chance=chance, n_scored=len(scored), lesions=lesions,
+                      tolerance_pixels=tolerance, brain_threshold=BRAIN_THRESHOLD)
+        print(f"pointing game {hit:.3f} vs chance {chance:.3f} on {len(scored)} lesions")
+    stats.write_json(result, os.path.join(out_dir, "explain.json"))
+    print(f"wrote {out_dir}/: {len(records)} overlays and explain.json")
+    return result
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = parser.add_argument
+    a("run", metavar="RUN", help="a run folder made by clip_tumor.py, blip_tumor.py or baselines.py")
+    a("images_dir", metavar="IMAGES_DIR", nargs="?", help="classify every image under it (any depth)")
+    a("--explain", action="store_true", help="heat maps of the run's test images (or --images)")
+    a("--n", type=int, default=8, help="--explain: images, the most confident right and wrong")
+    a("--images", metavar="DIR", help="--explain the images under DIR instead")
+    a("--lesions", metavar="CSV", help="lesion boxes path,x0,y0,x1,y1 (default <images>/lesions.csv)")
+    a("--method", choices=["gradcam", "rollout"], help="default: rollout for a ViT, Grad-CAM for "
+      "a CNN (last stage; a ViT: the tokens entering its last block)")
+    a("--out", help="the CSV (default RUN/predictions_<IMAGES_DIR>.csv) or --explain's folder "
+                    "(default RUN/explain/)")
+    a("--overwrite", action="store_true", help="replace the CSV, or the maps an earlier "
+                                               "--explain wrote (other files stay)")
+    a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
+    args = parser.parse_args(argv)
+    if bool(args.images_dir) == args.explain:
+        raise SystemExit("error: give IMAGES_DIR (classify it) or --explain (heat maps), one of "
+                         "the two: python predict.py RUN DIR, or python predict.py RUN --explain")
+    if args.n < 1:
+        raise SystemExit(f"error: --n {args.n}: 1 or more")
+    out = args.out or (os.path.join(args.run, "explain") if args.explain else os.path.join(
+        args.run, "predictions_" + os.path.basename(os.path.normpath(args.images_dir)) + ".csv"))
+    written = os.path.join(out, "explain.json") if args.explain else out
+    if os.path.exists(written) and not args.overwrite:
+        raise SystemExit(f"error: {written}: exists; pass --overwrite to replace it, or --out")
+    model, options = load_run(args.run, args.device)
+    if args.explain:
+        return explain(model, options, args)
+    return predict_folder(model, options, args.images_dir, out)
+
+
+if __name__ == "__main__":
+    main()
