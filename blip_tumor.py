@@ -98,11 +98,13 @@ class BLIPClassifier(clip_tumor.FrozenStem):
             self.frozen_parts.append(self.text_encoder)
             self.itm_head = blip.itm_head.requires_grad_(True)
 
-    def stem(self, images):  # the frozen part, cached on disk: embeddings and the first blocks
-        x = self.vision.embeddings((images - self.mean) / self.std)      # (B, 1 + H*W, D)
+    def stem(self, images):
+        """The frozen part, cached on disk: (B, 1 + H*W, D) tokens entering the trainable blocks,
+        or (B, 1, D), the final CLS token, when no block trains and the head reads only CLS."""
+        x = self.vision.embeddings((images - self.mean) / self.std)
         for layer in self.stem_layers:
             x = layer(x)
-        return x
+        return x if len(self.top_layers) or self.head_type == "itm" else x[:, :1]
 
     def top(self, tokens):
         """Stem tokens -> (B, C) logits; the last block runs for CLS alone (not for --head itm,

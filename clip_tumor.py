@@ -230,10 +230,11 @@ class CLIPClassifier(FrozenStem):
             pairs = torch.cat([image[:, None].expand(-1, self.n_classes, -1),
                                self.class_prompts[None].expand(len(image), -1, -1)], dim=-1)
             return self.head(pairs).squeeze(-1)                          # (B, C)
-        return self.logit_scale.exp() * image @ self.class_prompts.t()  # cosine head
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()  # at most 100, as CLIP's
+        return scale * image @ self.class_prompts.t()                    # cosine head
 
 
-def load_clip(model_name, pretrained):
+def load_clip(model_name, pretrained, activation=None):
     """open_clip model and tokenizer, with the activation the weights were trained with."""
     import open_clip
     if model_name.endswith(".json"):  # a custom architecture in open_clip's config format
@@ -252,12 +253,16 @@ def load_clip(model_name, pretrained):
     # OpenAI's weights were trained with QuickGELU; a tag says so itself, a local file cannot
     tag = weights if weights and not local_file else "openai"
     openai_gelu = open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu")
-    if local_file and openai_gelu and "quickgelu" not in model_name:
-        print(f"note: OpenAI's {model_name} weights were trained with QuickGELU; if "
-              f"{pretrained} holds them, pass --model {model_name}-quickgelu")
+    if local_file and openai_gelu and "quickgelu" not in model_name and not activation:
+        raise SystemExit(f"error: --pretrained {pretrained}: OpenAI's {model_name} weights were "
+                         f"trained with QuickGELU and a file does not say whose it is: pass "
+                         f"--model {model_name}-quickgelu if it holds OpenAI's, or --activation "
+                         f"gelu if it holds weights trained with GELU")
+    quick_gelu = activation == "quickgelu" or not activation and weights and not local_file \
+        and openai_gelu
     try:
-        model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=bool(
-            weights and not local_file and openai_gelu))
+        model = open_clip.create_model(model_name, pretrained=weights,
+                                       force_quick_gelu=bool(quick_gelu))
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as error:
         if weights is None and not from_hub:
@@ -279,7 +284,8 @@ def load_clip(model_name, pretrained):
 def build_model(args):
     set_seed(args.seed)  # random-init weights (--pretrained none) depend on the seed
     pretrained = "none" if args.benchmark else args.pretrained  # benchmark: random weights
-    clip_model, tokenizer, weights = load_clip(args.model, pretrained)
+    activation = getattr(args, "activation", None)  # CLIP's option only
+    clip_model, tokenizer, weights = load_clip(args.model, pretrained, activation)
     name = os.path.basename(os.path.normpath(args.model)).removesuffix(".json")
     head = "cosine" if args.epochs == 0 else args.head  # zero-shot: the prompts are the head
     return CLIPClassifier(clip_model, tokenizer, head, name, weights, args.trainable_blocks)
@@ -312,11 +318,16 @@ def attack_settings(args, method):
     return args.pgd_steps, args.pgd_step_size, args.pgd_eps
 
 
-def adversarial_view_maker(args, build_model, device, labels):
-    """(make_view, view id) for the cached path: view `view id` of an image is its plain view
-    attacked once by the starting model (pretrained weights and the zero-shot prompt head, so no
-    seed or random head enters; a CNN's is its seeded new layer), then cached like any view.
-    labels: {content hash: class}. Static augmentation: the paper attacks the current model."""
+def adversarial_view_maker(args, build_model, device, samples, hashes):
+    """(make_view, view id) for the cached path: view `view id` of a training sample is its plain
+    view attacked once by the starting model (pretrained weights and the zero-shot prompt head,
+    so no seed or random head enters; a CNN's is its seeded new layer), then cached like any view
+    (keyed by content, so one label per content). Static: the paper attacks the current model."""
+    labels = {hashes[s.path]: s.label for s in samples}
+    conflicts = [s.path for s in samples if labels[hashes[s.path]] != s.label]
+    if conflicts:
+        raise SystemExit(f"error: {conflicts[0]}: a byte-identical copy of it is in another class "
+                         f"folder; an adversarial view needs one label: remove one of the two")
     attacker = build_model(argparse.Namespace(**dict(vars(args), head="cosine"))).to(device)
     settings = attack_settings(args, args.adversarial)
     view_id = "{}-{}x{}-r{}-{}".format(args.adversarial, *settings, tensor_digest(
@@ -415,8 +426,11 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
     """The training loop: AdamW, warm-up and warm restarts, best epoch on the selection split;
     each image's view is drawn from view_ids (default 0 .. --views - 1) every epoch."""
     device = model.mean.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # no weight decay for gains,
+    optimizer = torch.optim.AdamW([  # biases and the logit scale, as open_clip's training
+        {"params": [p for p in params if p.ndim >= 2]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = make_loss(args.loss, balanced_class_weights(train_inputs.labels.numpy(), model
                         .n_classes).to(device) if args.class_weights else None)
     state = {"epoch": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
@@ -435,12 +449,14 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         order = torch.randperm(n, generator=g).tolist()
         views = [view_ids[k] for k in torch.randint(0, len(view_ids), (n,), generator=g).tolist()]
+        if train_inputs.cache is None:  # no cache: fresh augmentations from (seed, epoch, image)
+            views = [v if v == 0 else f"{v}-seed{args.seed}-epoch{epoch}" for v in views]
         model.train()
         seen, correct, total_loss = 0, 0, 0.0
         for step in tqdm(range(steps), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                          disable=not data.PROGRESS):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(epoch + (step + 1) / steps, args.lr,
+                group["lr"] = learning_rate(epoch + step / steps, args.lr,  # at the step's start
                                             args.warmup_epochs)
             indices = order[step * args.batch_size:(step + 1) * args.batch_size]
             batch = train_inputs.batch(indices, [views[i] for i in indices]).to(device)
@@ -548,8 +564,8 @@ def cache_inputs(args, build_model, model, splits, device):
     cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
     view_ids, make_view = list(range(args.views)), data.image_view
     if args.adversarial != "none" and cache and args.epochs:  # one cached adversarial view each
-        make_view, view_id = adversarial_view_maker(args, build_model, device,
-                                                    {hashes[s.path]: s.label for s in splits.train})
+        make_view, view_id = adversarial_view_maker(args, build_model, device, splits.train,
+                                                    hashes)
         view_ids.append(view_id)
     jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
     jobs.update({s.path: (hashes[s.path], view_ids if cache else [0]) for s in splits.train})
@@ -562,25 +578,30 @@ def cache_inputs(args, build_model, model, splits, device):
 
 
 def write_config(args, model, splits, inputs, bad, out_dir):
-    """config.json: every option, the stem's identity, the split and what was left out."""
+    """config.json: every option, the stem's identity, the split and what was left out; returns
+    how the run trains adversarially (also in metrics.json)."""
     adversarial = "none" if args.adversarial == "none" else f"{args.adversarial}, " + (
         "exact: each batch attacked by the current model and trained 1:1 with the clean one"
         if args.no_cache else "static: one cached view per training image, made once by the "
         "starting model (the paper's exact way: --no-cache)")
     counts = {name: np.bincount(part.labels.numpy(), minlength=model.n_classes).tolist()
               for name, part in inputs.items()}
+    augmentation = "fresh every epoch, drawn from (seed, epoch, image)" if args.no_cache else \
+        "fixed: --views per image made once from (image, view) and cached, shared by every " \
+        "seed (a std over seeds leaves out augmentation variance)"
     stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
                       "split_source": splits.source, "classes": list(model.class_names),
                       "non_images_ignored": splits.non_images, "undecodable_skipped": bad,
-                      "adversarial_training": adversarial},
+                      "augmentation": augmentation, "adversarial_training": adversarial},
                      os.path.join(out_dir, "config.json"))
+    return adversarial
 
 
 def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, notes):
     """Every split's predictions, the attacks (--attack-eval), the copies between train and test
     (whatever the split), then metrics.json, predictions.csv, report.txt and figures."""
-    outputs = {name: (*predict(part, args.batch_size), part.labels.numpy())
-               for name, part in inputs.items() if len(part)}  # (logits, loss, y)
+    outputs = {name: (predict(part, args.batch_size)[0], part.labels.numpy())
+               for name, part in inputs.items() if len(part)}  # (logits, labels)
     if args.attack_eval:  # the chosen model under attack: the full network on [0, 1] pixels
         metrics.update(attacked_accuracy(model, inputs["test"], args))
     test_paths = [s.path for s in inputs["test"].samples]
@@ -605,7 +626,7 @@ def run_one(args, build_model, out_dir):
         if args.resume and os.path.isfile(checkpoint_path) else None
     stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
     inputs, view_ids, bad, cache_seconds = cache_inputs(args, build_model, model, splits, device)
-    write_config(args, model, splits, inputs, bad, out_dir)
+    adversarial = write_config(args, model, splits, inputs, bad, out_dir)
 
     history, best_epoch = [], 0
     if args.epochs > 0:
@@ -620,10 +641,15 @@ def run_one(args, build_model, out_dir):
                "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
                "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
                if history else None, "cache_build_seconds": cache_seconds,
-               "cached": not args.no_cache, "undecodable_skipped": len(bad), "val": None}
+               "cached": not args.no_cache, "undecodable_skipped": len(bad),
+               "adversarial_training": adversarial, "val": None}
     notes = f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}" if bad \
         else ""
     evaluate_and_report(args, model, inputs, splits.source, metrics, history, out_dir, notes)
+    cache = inputs["train"].cache
+    if cache is not None and cache.damaged:
+        print(f"feature cache: {cache.damaged} damaged entries (checksum mismatch) recomputed in "
+              f"{cache.dir}")
     shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
     os.remove(os.path.join(out_dir, ".lock"))
     return metrics
@@ -733,7 +759,8 @@ def make_parser(description):
     a("--loss", choices=["ce", "focal", "hybrid"], default="ce",
       help="cross-entropy (paper's code), focal, or hybrid = (ce + focal) / 2 (paper's text)")
     a("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
-    a("--views", type=int, default=VIEWS, help="views per training image: plain + augmented")
+    a("--views", type=int, default=VIEWS, help="views per training image: plain + augmented, "
+      "fixed and shared by every seed (--no-cache: fresh ones every epoch)")
     a("--cache-dir", default="./cache", help="where the frozen stem's outputs are stored")
     a("--no-cache", action="store_true", help="run the full network every step (paper's way)")
     a("--adversarial", choices=["none", "fgsm", "pgd"], default="none", help="adversarial "
@@ -788,6 +815,8 @@ def build_parser():
                         help="open_clip architecture (e.g. ViT-B-16) or a .json model config")
     parser.add_argument("--pretrained", default=PRETRAINED,
                         help="open_clip tag (openai, ...), a local weights file, or none")
+    parser.add_argument("--activation", choices=["gelu", "quickgelu"], help="the activation a "
+                        "--pretrained FILE was trained with (a tag knows its own)")
     parser.add_argument("--head", choices=["cosine", "mlp", "linear", "fusion"],
                         default="cosine", help="cosine: scale x cosine(image, prompts) (paper's "
                         "method); mlp: 768->512->4 on CLS (paper's code); linear: 768->4; "

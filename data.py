@@ -260,22 +260,21 @@ class FeatureCache:
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        self.dir = os.path.join(root, digest[:16])
+        self.dir, self.damaged = os.path.join(root, digest[:16]), 0  # damaged: entries recomputed
         os.makedirs(self.dir, exist_ok=True)
         stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
 
     def path(self, content_hash, view):
         return os.path.join(self.dir, content_hash[:2], f"{content_hash}_v{view}.bin")
 
-    @staticmethod
-    def read(path):
+    def read(self, path):
         """The stored tensor (float32), or None when missing or damaged (checksum mismatch)."""
         if not os.path.exists(path):
             return None
         with open(path, "rb") as f:
             stored = f.read()
         if hashlib.sha1(stored[20:]).digest() != stored[:20]:
-            print(f"feature cache: {path} is damaged (checksum mismatch); recomputing it")
+            self.damaged += 1
             return None
         return torch.from_numpy(np.load(io.BytesIO(stored[20:]))).float()
 

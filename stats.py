@@ -285,7 +285,7 @@ def atomic_write(path, write, mode="wb"):
     """write(file) into path.tmp<pid>, renamed over path: a killed run never leaves half a file."""
     temporary = f"{path}.tmp{os.getpid()}"
     try:
-        with open(temporary, mode) as file:
+        with open(temporary, mode, newline=None if "b" in mode else "") as file:
             write(file)
         os.replace(temporary, path)
     except OSError as error:  # e.g. a full disk
@@ -371,14 +371,13 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
     """metrics.json, predictions.csv, report.txt (header + the paper's table) and the figures."""
     y_pred = test_probs.argmax(axis=1)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
-    with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["path", "label", "pred"] + [f"p_{name}" for name in class_names])
-        for path, label, pred, probs in zip(test_paths, y_test, y_pred, test_probs, strict=True):
-            probs = [f"{p:.6f}" for p in probs]
-            writer.writerow([path, class_names[label], class_names[pred], *probs])
-    with open(os.path.join(out_dir, "report.txt"), "w") as file:
-        file.write(f"{header.rstrip()}\n\n{classification_report(y_test, y_pred, class_names)}\n")
+    rows = [["path", "label", "pred"] + [f"p_{name}" for name in class_names]] + [
+        [path, class_names[label], class_names[pred], *(f"{p:.6f}" for p in probs)]
+        for path, label, pred, probs in zip(test_paths, y_test, y_pred, test_probs, strict=True)]
+    atomic_write(os.path.join(out_dir, "predictions.csv"),
+                 lambda file: csv.writer(file).writerows(rows), "w")
+    report = f"{header.rstrip()}\n\n{classification_report(y_test, y_pred, class_names)}\n"
+    atomic_write(os.path.join(out_dir, "report.txt"), lambda file: file.write(report), "w")
     figure, axes = _new_figure()  # confusion matrix: rows = true, columns = predicted, counts
     counts = confusion_matrix(y_test, y_pred, len(class_names))
     axes.imshow(counts, cmap="Blues")
@@ -394,7 +393,9 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
     if history:  # loss and accuracy per epoch: training (augmented views) and selection split
         figure, panels = _new_figure(10, 4, columns=2)
         epochs = [entry["epoch"] for entry in history]
-        for key, label in (("train", "train (augmented views)"), ("select", "selection (view 0)")):
+        train = "train (views, and their attacked copies 1:1)" if "exact" in metrics.get(
+            "adversarial_training", "") else "train (augmented views)"
+        for key, label in (("train", train), ("select", "selection (view 0)")):
             for panel, metric in zip(panels, ("loss", "accuracy")):
                 values = [entry[f"{key}_{metric}"] for entry in history]
                 panel.plot(epochs, values, marker="o", label=label)
@@ -403,35 +404,39 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
         figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 
 
-def evaluate(logits, loss, y_true, class_names):
-    """metrics_dict of one split's logits (N, C), with its loss."""
-    probs = special.softmax(np.asarray(logits, dtype=np.float64), axis=1)
+def evaluate(logits, y_true, class_names):
+    """metrics_dict of one split's logits (N, C), with its mean cross-entropy loss."""
+    log_probs = special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    loss = -float(np.mean(log_probs[np.arange(len(y_true)), y_true])) if len(y_true) else None
+    probs = np.exp(log_probs)
     return dict(metrics_dict(y_true, probs.argmax(1), probs, class_names), loss=loss)
 
 
 def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, history,
                calibrate_on_val=False, notes=""):
     """metrics (the run's facts so far) plus every split's metrics from outputs {split: (logits
-    (N, C), loss, labels (N,))}, the test part without a copy in training (leaky: the test paths
-    with one) and calibration fitted on validation; writes the run folder, prints the headline."""
-    for name, (logits, loss, y_true) in outputs.items():
-        metrics[name] = evaluate(logits, loss, y_true, class_names)
-    test_logits, test_loss, y_test = outputs["test"]
+    (N, C), labels (N,))}, the test part without a copy in training (leaky: the test paths with
+    one; copy-free, not patient-level) and calibration fitted on validation; writes the run
+    folder, prints the headline."""
+    for name, (logits, y_true) in outputs.items():
+        metrics[name] = evaluate(logits, y_true, class_names)
+    test_logits, y_test = outputs["test"]
     keep = np.array([path not in leaky for path in test_paths])
     metrics["n_test_with_train_copy"] = len(leaky)
     headline = f"test accuracy {metrics['test']['accuracy']:.4f}; {len(leaky)} of {len(keep)} " \
                f"test images have an exact or transformed copy in training"
     if leaky and keep.any():
-        metrics["test_leak_free"] = dict(evaluate(test_logits[keep], test_loss, y_test[keep],
-                                                  class_names), n_test_with_train_copy=len(leaky))
-        headline += f", on the other {keep.sum()}: {metrics['test_leak_free']['accuracy']:.4f}"
+        metrics["test_leak_free"] = dict(evaluate(test_logits[keep], y_test[keep], class_names),
+                                         n_test_with_train_copy=len(leaky))
+        headline += f", on the other {keep.sum()} (copy-free, not patient-level: neighbouring " \
+                    f"slices stay): {metrics['test_leak_free']['accuracy']:.4f}"
     if "test_fgsm" in metrics:
         fgsm, pgd = metrics["test_fgsm"], metrics["test_pgd"]
         headline += f"; under FGSM {fgsm['accuracy']:.4f}, PGD {pgd['accuracy']:.4f} (clean " \
                     f"{fgsm['clean_accuracy']:.4f} on those {fgsm['n_attacked']} images)"
     probs = special.softmax(np.asarray(test_logits, dtype=np.float64), axis=1)
     if calibrate_on_val:  # temperature, class offsets and tumour threshold fitted on validation
-        val_logits, _, y_val = outputs["val"]
+        val_logits, y_val = outputs["val"]
         metrics["calibration"] = calibrate(val_logits, y_val, test_logits, y_test, class_names)
         calibrated = metrics["calibration"].pop("test_probs")
     header = f"{metrics['model']} seed {metrics['seed']}, best epoch {metrics['best_epoch']} " \

@@ -82,7 +82,7 @@ def test_cached_adversarial_view_equals_the_one_made_on_the_fly(tiny_clip_config
     path = os.path.join(synth_dir, sample.path)
     content_hash = data.file_hash(path)
     make_view, view_id = clip_tumor.adversarial_view_maker(
-        args, clip_tumor.build_model, "cpu", {content_hash: sample.label})
+        args, clip_tumor.build_model, "cpu", [sample], {sample.path: content_hash})
     assert view_id.startswith("pgd-3x0.01-r0.03-")
     model = tiny_model(tiny_clip_config, head="mlp")
     cache = data.FeatureCache(os.path.join(os.path.dirname(synth_dir), "adv-cache"), model)

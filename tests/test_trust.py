@@ -67,7 +67,11 @@ def test_damaged_cache_entries_are_recomputed_with_the_same_result(small_dir, ti
             f.write(bytes([byte[0] ^ 0xFF]))
     capsys.readouterr()
     run(small_dir, tiny_clip_config, tmp_path, "--epochs", "2", "--out", str(tmp_path / "b"))
-    assert "damaged (checksum mismatch)" in capsys.readouterr().out
+    printed = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("feature cache:") and "damaged" in line]  # one line in all
+    assert len(printed) == 1 and printed[0].endswith(
+        f"damaged entries (checksum mismatch) recomputed in {os.path.dirname(os.path.dirname(entries[0]))}")
+    assert 0 < int(printed[0].split()[2]) <= len(entries)  # the entries the run read
     assert predictions(tmp_path / "a") == predictions(tmp_path / "b")
 
 
@@ -153,13 +157,21 @@ def test_a_file_that_is_not_weights_is_named(tiny_clip_config, tmp_path):
         clip_tumor.load_clip(tiny_clip_config, str(notes))
 
 
-def test_local_openai_weights_name_the_quickgelu_model(tmp_path, monkeypatch, capsys):
+def test_local_openai_weights_need_their_activation_said(tmp_path, monkeypatch):
+    """A local file for a model whose OpenAI weights use QuickGELU stops (it used to print a
+    note and train with GELU) until --model ...-quickgelu or --activation says which."""
     weights = tmp_path / "open_clip_pytorch_model.bin"
     weights.write_bytes(b"stand-in")
-    stand_in = argparse.Namespace(visual=torch.nn.Linear(1, 1))
-    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: stand_in)
-    clip_tumor.load_clip("ViT-B-16", str(weights))
-    assert "pass --model ViT-B-16-quickgelu" in capsys.readouterr().out
+    stand_in, created = argparse.Namespace(visual=torch.nn.Linear(1, 1)), []
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: created.append((a, k)) or
+                        stand_in)
+    with pytest.raises(SystemExit, match="pass --model ViT-B-16-quickgelu .* or --activation gelu"):
+        clip_tumor.load_clip("ViT-B-16", str(weights))
+    assert created == []
+    for activation, quick in (("gelu", False), ("quickgelu", True), (None, False)):
+        model = "ViT-B-16-quickgelu" if activation is None else "ViT-B-16"
+        clip_tumor.load_clip(model, str(weights), activation)
+        assert created[-1][1]["force_quick_gelu"] is quick
 
 
 def test_resume_before_the_first_checkpoint_and_with_more_epochs(small_dir, tiny_clip_config,
