@@ -288,8 +288,8 @@ def test_the_loss_options_are_the_loss_a_run_trains_on(loss, weighted, tiny_clip
         return recorded
 
     monkeypatch.setattr(clip_tumor, "make_loss", recording_make_loss)
-    out = tmp_path / "run"
-    clip_tumor.main(["--data", small_dir, "--split", imbalanced_split(small_dir, tmp_path / "s.csv"),
+    out, split = tmp_path / "run", imbalanced_split(small_dir, tmp_path / "split.csv")
+    clip_tumor.main(["--data", small_dir, "--split", split,
                      "--model", tiny_clip_config, "--pretrained", "none", "--views", "1",
                      "--epochs", "1", "--batch-size", "4", "--loss", loss,
                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
