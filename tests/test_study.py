@@ -152,8 +152,8 @@ def test_calibration_in_a_run_recovers_a_known_temperature(tiny_clip_config, sma
     calibration = metrics["calibration"]
     assert calibration["temperature"] == pytest.approx(2.5, rel=0.01)
     assert np.allclose(list(calibration["offsets"].values()), 0, atol=1e-3)
-    nll = lambda scale: -np.mean(np.log([p[0]] * 2 + [p[1]] * 3)) if scale == 1 else -np.mean(
-        np.log(softmax_of(scale * np.log(p))[[0, 0, 1, 2, 3]]))
+    # NLL of a block of 5 (2 images of p's top class, 1 of each other) under softmax(scale log p)
+    nll = lambda scale: -np.mean(np.log(softmax_of(scale * np.log(p))[[0, 0, 1, 2, 3]]))
     assert calibration["val_nll_before"] == pytest.approx(nll(2.5), rel=1e-9)
     assert calibration["val_nll_after"] == pytest.approx(nll(1), rel=1e-4)
     assert calibration["test_nll_before"] == pytest.approx(nll(0.5), rel=1e-9)
