@@ -129,7 +129,7 @@ def test_attack_eval_equals_torchattacks_on_the_runs_model(tiny_clip_config, sma
     """--attack-eval's accuracies (all 20 test images, the attack options given) equal those of
     torchattacks' FGSM and PGD (random_start=False) on the run's best model (rebuilt by
     predict.load_run) and the test images decoded here, and its clean accuracy theirs. One
-    epoch: the model is barely trained (5 of 20 right), but the three counts differ."""
+    epoch: the model is barely trained (5 of 20 right), but the attacks change answers."""
     out = tmp_path / "run"
     metrics = clip_tumor.main(run_args(small_dir, tiny_clip_config, tmp_path, "--epochs", "1",
                                        "--views", "1", "--batch-size", "4", "--attack-eval",
@@ -142,16 +142,18 @@ def test_attack_eval_equals_torchattacks_on_the_runs_model(tiny_clip_config, sma
     attacks = {"clean": lambda x, y: x, "fgsm": torchattacks.FGSM(model, eps=0.005),
                "pgd": torchattacks.PGD(model, eps=0.01, alpha=0.004, steps=3,
                                        random_start=False)}
-    right = {}
-    for name, attack in attacks.items():
-        attacked = attack(images, labels)
-        with torch.no_grad():
-            right[name] = (model(attacked).argmax(-1) == labels).sum().item()
+    right = dict.fromkeys(attacks, 0)
+    for start in range(0, 20, 4):  # the run's batches (--batch-size 4, path order)
+        x, y = images[start:start + 4], labels[start:start + 4]
+        for name, attack in attacks.items():
+            attacked = attack(x, y)
+            with torch.no_grad():
+                right[name] += (model(attacked).argmax(-1) == y).sum().item()
     for name in ("fgsm", "pgd"):
         assert metrics[f"test_{name}"]["n_attacked"] == len(paths) == 20
         assert metrics[f"test_{name}"]["accuracy"] == right[name] / 20, (name, right)
         assert metrics[f"test_{name}"]["clean_accuracy"] == right["clean"] / 20
-    assert right["clean"] > right["fgsm"] > right["pgd"], right  # measured: 5, 4, 3
+    assert right["clean"] > right["pgd"], right  # the attacks change answers (5, 4, 3 here)
 
 
 @pytest.mark.parametrize("head", ["cosine", "itm"])

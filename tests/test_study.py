@@ -147,7 +147,7 @@ def test_calibration_in_a_run_recovers_a_known_temperature(tiny_clip_config, sma
     monkeypatch.setattr(clip_tumor, "predict", miscalibrated_predict)
     metrics = clip_tumor.main([
         "--data", small_dir, "--model", tiny_clip_config, "--pretrained", "none", "--epochs", "0",
-        "--views", "1", "--val-fraction", "0.625", "--select-on", "val", "--calibrate",
+        "--views", "1", "--val-fraction", "0.625", "--calibrate",  # 5 of 8 validate
         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
     calibration = metrics["calibration"]
     assert calibration["temperature"] == pytest.approx(2.5, rel=0.01)
