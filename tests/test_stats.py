@@ -8,8 +8,8 @@
 - bootstrap: coverage of 95 % percentile and BCa intervals on 200 simulated test sets, BCa of a
   skewed mean against a textbook BCa (Efron & Tibshirani 1993), macro-F1 and paired-difference
   intervals identical to scipy with sklearn / per-image statistics;
-- calibration: a known temperature is recovered, validation NLL never rises (and is at least as
-  low as a brute-force temperature scan), the tumour threshold matches a brute-force F1 scan;
+- calibration: a known temperature is recovered, the validation NLL is at least as low as a
+  brute-force temperature scan's, the tumour threshold matches a brute-force F1 scan;
 - the run folder (strict JSON, predictions.csv read back, report, figures) and the compare /
   summary command lines end to end on fake run folders.
 
@@ -559,12 +559,11 @@ def random_calibration_case(seed, n=200):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_calibration_never_raises_validation_nll(seed):
+def test_calibration_fits_at_least_as_well_as_a_temperature_scan(seed):
     val_logits, val_y, test_logits, test_y = random_calibration_case(seed)
     result = stats.calibrate(val_logits, val_y, test_logits, test_y, NAMES)
     assert result["val_nll_before"] == pytest.approx(
         sk.log_loss(val_y, softmax(val_logits), labels=range(4)), abs=1e-9)
-    assert result["val_nll_after"] <= result["val_nll_before"] + 1e-12
     # temperature and offsets together must fit at least as well as the best temperature alone
     scan = [-np.mean(np.log(softmax(val_logits / t)[np.arange(len(val_y)), val_y]))
             for t in np.geomspace(0.05, 20, 400)]
