@@ -656,12 +656,13 @@ def merge_datasets(sources, out_dir):
     labelled = [k for k, item in enumerate(items) if item[2]]
     hashes, signatures = load_signatures("", [items[k][1] for k in labelled])
     undecodable = {k for k, h in zip(labelled, hashes) if h.startswith("undecodable")}
-    original = {}  # dropped item -> (the item it copies, how)
-    pairs = find_pairs(hashes, signatures)  # the strongest copy first: exact, then by score
-    for (i, j), (kind, transform, _) in sorted(
-            pairs.items(), key=lambda pair: (pair[1][0] != "exact", -pair[1][2], pair[0])):
-        i, j = labelled[i], labelled[j]  # i < j: i is in the same or an earlier source
-        if items[i][0] != items[j][0] and j not in original:  # copies within one source stay
+    original = {}  # dropped item -> (the item it copies: a kept one where a pair says so, how)
+    pairs = find_pairs(hashes, signatures)  # i < j: i is in the same or an earlier source
+    for (i, j), (kind, transform, score) in sorted(  # j in order, so i's fate is known; per j
+            pairs.items(), key=lambda pair: (pair[0][1], pair[1][0] != "exact", -pair[1][2])):
+        i, j = labelled[i], labelled[j]  # the strongest copy first: exact, then by score
+        if items[i][0] != items[j][0] and (j not in original or original[j][0] in original
+                                           and i not in original):  # within one source: stay
             how = transform.replace("identity", "resized/re-encoded")
             original[j] = (i, "exact" if kind == "exact" else how)
     rows, kept = [], {}  # kept: item -> its path in out_dir, or the path of its kept copy
@@ -671,6 +672,8 @@ def merge_datasets(sources, out_dir):
             status = "skipped: cannot decode image"
         elif k in original:
             i, how = original[k]
+            while i in original:  # a copy of a dropped copy only: the kept image it leads to
+                i = original[i][0]
             kept[k] = copy_of = kept[i]
             status = "dropped (label conflict)" if items[i][2] != label else "dropped"
         elif label:

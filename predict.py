@@ -18,7 +18,6 @@ import argparse
 import csv
 import importlib
 import json
-import math
 import os
 
 import numpy as np
@@ -329,8 +328,9 @@ def explain(model, options, args):
     for k, (path, image) in enumerate(zip(paths, images)):
         box = boxes.get(path)  # the written image's pixels -> the model's input pixels
         if box:
-            x0, y0, x1, y1 = np.array(box) * np.tile([size / image.width, size / image.height], 2)
-            box = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))  # x1, y1 outside
+            scale = (image.width, image.height) * 2  # whole-number arithmetic: no rounding drift
+            box = tuple(v * size // side if k < 2 else -(-v * size // side)  # x1, y1 outside
+                        for k, (v, side) in enumerate(zip(box, scale)))
             scored.append((maps[k], box, pixels[k].mean(0).numpy() > BRAIN_THRESHOLD))
         y, x = np.unravel_index(np.argmax(maps[k]), maps[k].shape)
         overlay = f"{k:02d}_{os.path.splitext(os.path.basename(path))[0]}.png"

@@ -13,8 +13,8 @@ mirror, rotation, transpose, gamma/linear contrast, JPEG re-encoding, resizing);
 - the leak-free split keeps copies in one part; merge keeps exactly one image per group of
   cross-source copies (resized, re-encoded, mirrored) and names the original of each drop; over
   three sources with chained copies (a third source's copy of a second source's dropped copy)
-  exactly the first image of each group is kept, and every manifest row is pinned (xfail: a
-  chained drop's `how` and label conflict are taken from the dropped file it matched).
+  exactly the first image of each group is kept, and every manifest row is pinned: a chained
+  drop's `how` and label conflict are those of the kept image that copy_of names.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_audit.py
 """
 import csv
@@ -425,9 +425,6 @@ def test_merge_of_three_sources_keeps_one_image_per_group_across_a_chain(merge_c
             assert copy.read() == source.read(), dest
 
 
-@pytest.mark.xfail(strict=True, reason="data.merge_datasets takes a chained drop's `how` and "
-                   "label check from the dropped file it matched (b_mirror: exact; b_conflict: "
-                   "the same label), not from the kept file that copy_of names")
 def test_merge_chain_says_how_each_drop_copies_the_kept_image(merge_chain):
     """A byte copy of the second source's mirror of a0 is a mirror of a0 (copy_of), not an
     exact copy of it; a byte copy of the second source's misfiled copy of p0, filed like it,

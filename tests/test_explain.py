@@ -17,7 +17,7 @@
   a second call needs --overwrite, which replaces the earlier maps and keeps the user's files.
   Its pointing game and chance equal a recomputation from its records (argmax_xy, the boxes
   scaled in exact integers, grown by tolerance_pixels) and the images' brain pixels; a box that
-  scales to whole pixels is not grown (xfail: floating-point scaling floors 31.999... to 31).
+  scales to whole pixels is not grown (floating-point scaling floored 31.999... to 31).
 - The pointing game that the issue asks for: attention rollout of the trained tiny CLIP is well
   above chance on the synthetic lesions, the same model untrained (--epochs 0) is not.
 """
@@ -335,8 +335,6 @@ def assert_pointing_game_recomputed(written, root):
     assert written["chance"] == pytest.approx(np.mean(chances), abs=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="predict.explain scales boxes in floating point: "
-                   "49 * (64 / 98) = 31.999999999999996, whose floor is 31, not 32")
 def test_a_box_that_scales_to_whole_pixels_is_not_grown(trained_run, synth_dir, tmp_path):
     """A 98-px image with the box (49, 49, 60, 60): at the model's 64 px its x0, y0 are 49 x 64 /
     98 = 32 exactly, so the scored box is (32, 32, 40, 40), not a pixel wider."""
