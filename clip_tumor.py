@@ -13,17 +13,20 @@ full network (4.7x); the stem 263 ms per image and view, once; an FGSM view 785 
 0.983 test accuracy in 28 s. No accuracy with real pretrained weights is measured here (offline).
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -364,6 +367,68 @@ def attacked_accuracy(model, test_inputs, args):
         clean_accuracy=correct["clean"] / len(samples)) for method in ("fgsm", "pgd")}
 
 
+# ---- several processes: torchrun ---------------------------------------------------------------
+# `torchrun --nproc_per_node N SCRIPT.py ...` starts N ranks. Each builds the same seeded model,
+# computes its share of the cache (data.build_cache), takes every N-th image of each global batch
+# and DDP averages the gradients; rank 0 alone writes the run folder, prints, and evaluates.
+# Without torchrun (no WORLD_SIZE) none of this runs: rank 0 of 1, no wrapper.
+
+def init_distributed(device):
+    """This process's rank, after joining torchrun's process group if there is one: gloo on CPU,
+    NCCL on CUDA (one GPU per rank). A rank that dies ends the job (torchrun stops the others);
+    one that stalls, through the 60 s timeout of the rank waiting for it."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else None
+        if gpu:
+            torch.cuda.set_device(gpu)  # "cuda" is now this rank's GPU
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu,
+                                timeout=datetime.timedelta(seconds=60))
+        if dist.get_rank() > 0:  # one log, rank 0's (errors still show: they go to stderr)
+            sys.stdout, data.PROGRESS = open(os.devnull, "w"), False
+    return rank_and_world()[0]
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class Logits(nn.Module):  # DDP syncs what runs through forward(); the cached path is model.top()
+    def __init__(self, inputs):
+        super().__init__()
+        self.model, self.logits = inputs.model, inputs.logits
+
+    def forward(self, batch):
+        return self.logits(batch)
+
+
+def data_parallel(inputs):
+    """The step's logits: inputs.logits in one process, else through DDP (static graph: the same
+    parameters each step, some unused, e.g. CLIP's projection by the mlp head). BatchNorm is synced
+    on GPU; torch's SyncBatchNorm is GPU-only: on CPU each rank normalises its own slice."""
+    if not dist.is_initialized():
+        return inputs.logits
+    if inputs.model.mean.is_cuda:
+        nn.SyncBatchNorm.convert_sync_batchnorm(inputs.model)
+    return nn.parallel.DistributedDataParallel(Logits(inputs), static_graph=True)
+
+
+def rank_slice(indices, labels, class_weight):
+    """(this rank's images of a global batch, its loss factor): DDP averages gradients, so each
+    rank's mean loss is scaled by N x its share of the batch's loss weight (images, or their class
+    weights: CE and focal are weighted means), which makes ragged slices exact too."""
+    rank, world = rank_and_world()
+    weight = lambda y: len(y) if class_weight is None else class_weight[y].sum().item()
+    mine = indices[rank::world]
+    return mine, world * weight(labels[mine]) / weight(labels[indices])
+
+
+def sum_over_ranks(numbers, device):
+    total = torch.tensor(numbers, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.tolist()
+
+
 # ---- training ----------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
@@ -431,8 +496,11 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
         {"params": [p for p in params if p.ndim >= 2]},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
         lr=args.lr, weight_decay=args.weight_decay)
-    loss_fn = make_loss(args.loss, balanced_class_weights(train_inputs.labels.numpy(), model
-                        .n_classes).to(device) if args.class_weights else None)
+    class_weight = balanced_class_weights(train_inputs.labels.numpy(), model.n_classes) \
+        if args.class_weights else None
+    loss_fn = make_loss(args.loss, class_weight.to(device) if class_weight is not None else None)
+    logits_of = data_parallel(train_inputs)
+    save = atomic_save if rank_and_world()[0] == 0 else lambda obj, path: None  # rank 0 writes
     state = {"epoch": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
              "history": []}
     if checkpoint is not None:  # --resume: everything the next epoch depends on
@@ -458,23 +526,25 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(epoch + step / steps, args.lr,  # at the step's start
                                             args.warmup_epochs)
-            indices = order[step * args.batch_size:(step + 1) * args.batch_size]
+            indices, share = rank_slice(order[step * args.batch_size:(step + 1) *
+                                              args.batch_size], train_inputs.labels, class_weight)
             batch = train_inputs.batch(indices, [views[i] for i in indices]).to(device)
             labels = train_inputs.labels[indices].to(device)
             if args.adversarial != "none" and train_inputs.cache is None:  # the exact way: attack
                 adversarial = attack(model, batch, labels, *attack_settings(args, args.adversarial))
                 batch, labels = torch.cat([batch, adversarial]), torch.cat([labels, labels])  # 1:1
-            logits = train_inputs.logits(batch)
+            logits = logits_of(batch)
             loss = loss_fn(logits, labels)
             if not torch.isfinite(loss):  # diverged: stop before NaN reaches any result
                 raise SystemExit(f"error: the loss is {loss.item()} at epoch {epoch + 1}, step "
                                  f"{step + 1}: training diverged; try a lower --lr than {args.lr}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
             optimizer.step()
             seen += len(labels)
             correct += (logits.argmax(-1) == labels).sum().item()  # a CPU-GPU sync point
             total_loss += loss.item() * len(labels)
+        seen, correct, total_loss = sum_over_ranks([seen, correct, total_loss], device)
         select_logits, select_loss = predict(select_inputs, args.batch_size)
         select_accuracy = stats.accuracy(select_inputs.labels.numpy(), select_logits.argmax(1))
         history.append({"epoch": epoch + 1, "train_loss": total_loss / seen,
@@ -485,11 +555,11 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
         if (select_accuracy, -select_loss) > (state["best_accuracy"], -state["best_loss"]):
             state.update(best_accuracy=select_accuracy, best_loss=select_loss,
                          best_epoch=epoch + 1)
-            atomic_save({"model": trainable_state(model), "epoch": epoch + 1,
-                         "config": vars(args)}, f"{out_dir}/best.pt")
+            save({"model": trainable_state(model), "epoch": epoch + 1, "config": vars(args)},
+                 f"{out_dir}/best.pt")
         state["epoch"] = epoch + 1
-        atomic_save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                     **state, "config": vars(args)}, f"{out_dir}/checkpoint.pt")
+        save({"model": trainable_state(model), "optimizer": optimizer.state_dict(), **state,
+              "config": vars(args)}, f"{out_dir}/checkpoint.pt")
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {total_loss / seen:.4f} "
               f"acc {correct / seen:.4f} | {args.select_on} loss {select_loss:.4f} "
               f"acc {select_accuracy:.4f} | {history[-1]['seconds']:.1f}s", flush=True)
@@ -500,6 +570,7 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
 
 def check_arguments(args):
     """The device, or one error naming every option out of range, its value and what is allowed."""
+    device = pick_device(args)
     problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
         ("views", args.views, args.views >= 1, "at least 1 (view 0 is the plain image)"),
         ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
@@ -519,11 +590,13 @@ def check_arguments(args):
         ("pgd-step-size", args.pgd_step_size, args.pgd_step_size > 0, "positive"),
         ("calibrate", "", not args.calibrate or args.select_on == "val",
          "needs the validation split (not --select-on test)"),
-        ("data", args.data, args.data is not None, "missing: pass the dataset folder (or --demo)"))
+        ("data", args.data, args.data is not None, "missing: pass the dataset folder (or --demo)"),
+        ("amp", "", not args.amp or device.type == "cuda", "CUDA only: on a CPU bfloat16 is far "
+         "slower than float32 unless the chip has AVX512-BF16 or AMX"))
         if not ok]
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
-    return pick_device(args)
+    return device
 
 
 def pick_device(args):
@@ -618,23 +691,29 @@ def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, 
 def run_one(args, build_model, out_dir):
     """One seed: splits, model, feature cache, training, evaluation, the run folder."""
     device = check_arguments(args)
+    rank = init_distributed(device)  # 0 without torchrun
     set_seed(args.seed)
     splits = load_splits(args)
     model = build_model(args).to(device)
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = torch.load(checkpoint_path, weights_only=True) \
         if args.resume and os.path.isfile(checkpoint_path) else None
-    stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
+    if rank == 0:  # rank 0 alone writes the run folder
+        stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
     inputs, view_ids, bad, cache_seconds = cache_inputs(args, build_model, model, splits, device)
-    adversarial = write_config(args, model, splits, inputs, bad, out_dir)
+    adversarial = write_config(args, model, splits, inputs, bad, out_dir) if rank == 0 else ""
 
     history, best_epoch = [], 0
     if args.epochs > 0:
         select = inputs["test" if args.select_on == "test" else "val"]
-        history, best_epoch = train(model, inputs["train"], select, args, out_dir, checkpoint,
-                                    view_ids)
-        model.load_state_dict(torch.load(f"{out_dir}/best.pt", weights_only=True)["model"],
-                              strict=False)
+        with torch.autocast("cuda", torch.bfloat16, enabled=args.amp):  # --amp: CUDA only
+            history, best_epoch = train(model, inputs["train"], select, args, out_dir,
+                                        checkpoint, view_ids)
+        if rank == 0:
+            model.load_state_dict(torch.load(f"{out_dir}/best.pt", weights_only=True)["model"],
+                                  strict=False)
+    if rank > 0:  # the other ranks are done: rank 0 evaluates and reports
+        return None
     selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
                  "test set chose the epoch)") if args.select_on == "test" else "validation split"
     metrics = {"model": model.cache_key["model"], "seed": args.seed, "selection": selection,
@@ -776,6 +855,7 @@ def make_parser(description):
     a("--overwrite", action="store_true", help="replace the run in --out (other files stay)")
     a("--resume", metavar="RUN_DIR", help="continue a stopped run with its own options")
     a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
+    a("--amp", action="store_true", help="bfloat16 autocast in training (CUDA only)")
     a("--benchmark", action="store_true", help="time the steps at full size, random weights")
     a("--demo", action="store_true", help="offline demo: synthetic data, tiny random model")
     for moved in ("--predict", "--run", "--explain", "--n", "--images", "--explain-method",

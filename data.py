@@ -16,7 +16,6 @@ import csv
 import glob
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
@@ -342,30 +342,36 @@ def few_shot(samples, shots, seed, split):
 
 def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
     """Run the stem on each (image, view) of jobs {path: (content hash, view ids)} that the cache
-    lacks; returns the undecodable paths (skip_bad; else the first one stops the run). With no
-    cache (--no-cache) every image is decoded once, only to find the bad ones before training."""
+    lacks, a batch of views at a time: decode its images (each once), then store its views.
+    Returns the undecodable paths (skip_bad; else the first stops the run). No cache (--no-cache):
+    each image is decoded, to find the bad ones before training. Under torchrun each rank takes
+    every N-th batch: whole batches, so each entry holds the bytes one process would write."""
     todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
             if cache is None or not os.path.exists(cache.path(h, v))]
-    bad, pending, started = [], [], time.time()  # pending: (view pixels, (hash, view)) to run
+    batches = range(0, len(todo), batch_size)
+    if dist.is_initialized():  # once every rank has listed todo
+        dist.barrier()
+        batches = batches[dist.get_rank()::dist.get_world_size()]
+    bad, started = [], time.time()
     model.eval()
-    by_image = itertools.groupby(todo, key=lambda job: job[:2])  # each image decoded once
-    for (path, content_hash), views in tqdm(by_image, desc="feature cache", unit="image",
-                                            total=len(jobs), disable=not PROGRESS or not todo):
-        try:
-            image = load_rgb(os.path.join(data_dir, path))
-        except DecodeError as error:
-            if not skip_bad:
-                raise SystemExit(f"error: {error}")
-            bad.append(path)
-            continue
-        if cache is not None:
-            pending += [(make_view(image, content_hash, v, model.image_size), (content_hash, v))
-                        for *_, v in views]
-        while len(pending) >= batch_size:
-            store_stem(model, cache, *zip(*pending[:batch_size]))
-            pending = pending[batch_size:]
-    if pending:
-        store_stem(model, cache, *zip(*pending))
+    for start in tqdm(batches, desc="feature cache", unit="batch", disable=not PROGRESS or not todo):
+        batch, images = todo[start:start + batch_size], {}
+        for path in dict.fromkeys(path for path, _, _ in batch):
+            try:
+                images[path] = load_rgb(os.path.join(data_dir, path))
+            except DecodeError as error:
+                if not skip_bad:
+                    raise SystemExit(f"error: {error}")
+                bad.append(path)
+        views = [(make_view(images[path], h, v, model.image_size), (h, v))
+                 for path, h, v in batch if path in images and cache is not None]
+        if views:
+            store_stem(model, cache, *zip(*views))
+    everyone = [bad]  # every rank's undecodable images, in todo order
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+    bad = [path for path in dict.fromkeys(p for p, _, _ in todo) if any(path in b for b in everyone)]
     if todo and cache is not None:
         print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
               f"({cache.dir})")
