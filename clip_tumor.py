@@ -16,17 +16,20 @@ full network (4.7x); the stem 263 ms per image and view, once; an FGSM view 785 
 """
 import argparse
 import csv
+import datetime
 import hashlib
 import json
 import math
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -336,6 +339,71 @@ def attacked_accuracy(model, test_inputs, args):
         clean_accuracy=correct["clean"] / len(samples)) for method in ("fgsm", "pgd")}
 
 
+# ---- several processes: torchrun ---------------------------------------------------------------
+# `torchrun --nproc_per_node N SCRIPT.py ...` starts N copies (ranks) with RANK and WORLD_SIZE set.
+# Each builds the same model from the same seed, computes its share of the feature cache (data.
+# build_cache), takes every N-th image of each global batch of --batch-size, and DDP averages the
+# gradients; every rank evaluates (no rank waits on another), rank 0 alone writes and prints.
+# Without torchrun none of this runs: rank 0 of 1, inputs.logits unwrapped.
+
+def init_distributed(device):
+    """Join torchrun's process group: gloo on CPU, NCCL on CUDA (one GPU per rank). A rank that
+    dies ends the job (torchrun stops the rest); one that stalls, within the 60 s timeout."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" is now this rank's GPU
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=60))
+    if dist.get_rank() > 0:  # one log: the other ranks' output is rank 0's; errors still show
+        sys.stdout, data.PROGRESS = open(os.devnull, "w"), False
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class Logits(nn.Module):
+    """inputs.logits as a module: DDP syncs the gradients of what runs through forward(), and the
+    cached path runs model.top(), not model.forward()."""
+
+    def __init__(self, inputs):
+        super().__init__()
+        self.model, self.logits = inputs.model, inputs.logits
+
+    def forward(self, batch):
+        return self.logits(batch)
+
+
+def data_parallel(inputs):
+    """The training step's logits: inputs.logits itself in one process, else through DDP (unused
+    parameters allowed: e.g. the mlp head leaves CLIP's projection out). BatchNorm is synchronised
+    on GPU; torch's SyncBatchNorm is GPU-only, so on CPU each rank normalises its own slice."""
+    if not dist.is_initialized():
+        return inputs.logits
+    if inputs.model.mean.is_cuda:
+        nn.SyncBatchNorm.convert_sync_batchnorm(inputs.model)
+    return nn.parallel.DistributedDataParallel(Logits(inputs), find_unused_parameters=True)
+
+
+def rank_slice(indices, labels, class_weight):
+    """(this rank's images of a global batch, its loss factor): DDP averages gradients, so each
+    rank's mean loss is scaled by N x its share of the batch's loss weight (images, or their class
+    weights: CE and focal are weighted means), which makes ragged slices exact too."""
+    rank, world = rank_and_world()
+    weight = lambda y: len(y) if class_weight is None else class_weight[y].sum().item()
+    mine = indices[rank::world]
+    return mine, world * weight(labels[mine]) / weight(labels[indices])
+
+
+def sum_over_ranks(numbers, device):
+    if not dist.is_initialized():
+        return numbers
+    total = torch.tensor(numbers, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 # ---- training ----------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
@@ -400,8 +468,11 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
     device = model.mean.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    loss_fn = make_loss(args.loss, balanced_class_weights(train_inputs.labels.numpy(), model
-                        .n_classes).to(device) if args.class_weights else None)
+    class_weight = balanced_class_weights(train_inputs.labels.numpy(), model.n_classes) \
+        if args.class_weights else None
+    loss_fn = make_loss(args.loss, class_weight.to(device) if class_weight is not None else None)
+    logits_of = data_parallel(train_inputs)
+    save = atomic_save if rank_and_world()[0] == 0 else lambda obj, path: None  # rank 0 writes
     state = {"epoch": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
              "history": []}
     if checkpoint is not None:  # --resume: everything the next epoch depends on
@@ -425,23 +496,25 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(epoch + (step + 1) / steps, args.lr,
                                             args.warmup_epochs)
-            indices = order[step * args.batch_size:(step + 1) * args.batch_size]
+            indices, share = rank_slice(order[step * args.batch_size:(step + 1) *
+                                              args.batch_size], train_inputs.labels, class_weight)
             batch = train_inputs.batch(indices, [views[i] for i in indices]).to(device)
             labels = train_inputs.labels[indices].to(device)
             if args.adversarial != "none" and train_inputs.cache is None:  # the exact way: attack
                 adversarial = attack(model, batch, labels, *attack_settings(args, args.adversarial))
                 batch, labels = torch.cat([batch, adversarial]), torch.cat([labels, labels])  # 1:1
-            logits = train_inputs.logits(batch)
+            logits = logits_of(batch)
             loss = loss_fn(logits, labels)
             if not torch.isfinite(loss):  # diverged: stop before NaN reaches any result
                 raise SystemExit(f"error: the loss is {loss.item()} at epoch {epoch + 1}, step "
                                  f"{step + 1}: training diverged; try a lower --lr than {args.lr}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
             optimizer.step()
             seen += len(labels)
             correct += (logits.argmax(-1) == labels).sum().item()  # a CPU-GPU sync point
             total_loss += loss.item() * len(labels)
+        seen, correct, total_loss = sum_over_ranks([seen, correct, total_loss], device)
         select_logits, select_loss = predict(select_inputs, args.batch_size)
         select_accuracy = stats.accuracy(select_inputs.labels.numpy(), select_logits.argmax(1))
         history.append({"epoch": epoch + 1, "train_loss": total_loss / seen,
@@ -452,11 +525,11 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
         if (select_accuracy, -select_loss) > (state["best_accuracy"], -state["best_loss"]):
             state.update(best_accuracy=select_accuracy, best_loss=select_loss,
                          best_epoch=epoch + 1)
-            atomic_save({"model": trainable_state(model), "epoch": epoch + 1,
-                         "config": vars(args)}, f"{out_dir}/best.pt")
+            save({"model": trainable_state(model), "epoch": epoch + 1, "config": vars(args)},
+                 f"{out_dir}/best.pt")
         state["epoch"] = epoch + 1
-        atomic_save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                     **state, "config": vars(args)}, f"{out_dir}/checkpoint.pt")
+        save({"model": trainable_state(model), "optimizer": optimizer.state_dict(), **state,
+              "config": vars(args)}, f"{out_dir}/checkpoint.pt")
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {total_loss / seen:.4f} "
               f"acc {correct / seen:.4f} | {args.select_on} loss {select_loss:.4f} "
               f"acc {select_accuracy:.4f} | {history[-1]['seconds']:.1f}s", flush=True)
@@ -655,6 +728,7 @@ def explain(args, build_model, script):
 
 def check_arguments(args):
     """The device, or one error naming every option out of range, its value and what is allowed."""
+    device = pick_device(args)
     problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
         ("views", args.views, args.views >= 1, "at least 1 (view 0 is the plain image)"),
         ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
@@ -673,11 +747,13 @@ def check_arguments(args):
         ("pgd-step-size", args.pgd_step_size, args.pgd_step_size > 0, "positive"),
         ("calibrate", "", not args.calibrate or args.select_on == "val",
          "needs the validation split (not --select-on test)"),
-        ("data", args.data, args.data is not None, "missing: pass the dataset folder (or --demo)"))
+        ("data", args.data, args.data is not None, "missing: pass the dataset folder (or --demo)"),
+        ("amp", "", not args.amp or device.type == "cuda", "CUDA only: on a CPU bfloat16 speed "
+         "depends on the chip (without AVX512-BF16 or AMX, far slower than float32)"))
         if not ok]
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
-    return pick_device(args)
+    return device
 
 
 def pick_device(args):
@@ -693,6 +769,7 @@ def pick_device(args):
 def run_one(args, build_model, out_dir):
     """One seed: splits, model, feature cache, training, evaluation, the run folder."""
     device = check_arguments(args)
+    init_distributed(device)
     set_seed(args.seed)
     val_fraction = 0.0 if args.select_on == "test" else args.val_fraction
     splits = data.load_splits(args.data, args.seed, val_fraction, args.split)
@@ -709,7 +786,8 @@ def run_one(args, build_model, out_dir):
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = torch.load(checkpoint_path, weights_only=True) \
         if args.resume and os.path.isfile(checkpoint_path) else None
-    stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
+    if rank_and_world()[0] == 0:  # rank 0 alone writes the run folder
+        stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
     if splits.non_images:
         print(f"note: {len(splits.non_images)} non-image file(s) ignored: {splits.non_images}")
     everything = splits.train + splits.val + splits.test
@@ -736,17 +814,21 @@ def run_one(args, build_model, out_dir):
         "current model and trained 1:1 with the clean one")
     counts = {name: np.bincount([s.label for s in samples], minlength=model.n_classes).tolist()
               for name, samples in parts.items()}
-    stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
-                      "split_source": splits.source, "classes": list(model.class_names),
-                      "non_images_ignored": splits.non_images, "undecodable_skipped": bad,
-                      "adversarial_training": adversarial},
-                     os.path.join(out_dir, "config.json"))
+    if rank_and_world()[0] == 0:
+        stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
+                          "split_source": splits.source, "classes": list(model.class_names),
+                          "non_images_ignored": splits.non_images, "undecodable_skipped": bad,
+                          "adversarial_training": adversarial},
+                         os.path.join(out_dir, "config.json"))
 
     history, best_epoch = [], 0
     if args.epochs > 0:
         select = inputs["test" if args.select_on == "test" else "val"]
-        history, best_epoch = train(model, inputs["train"], select, args, out_dir, checkpoint,
-                                    view_ids)
+        with torch.autocast("cuda", torch.bfloat16, enabled=args.amp):  # --amp: CUDA only
+            history, best_epoch = train(model, inputs["train"], select, args, out_dir,
+                                        checkpoint, view_ids)
+    if rank_and_world()[0] > 0:  # the other ranks' work is done: rank 0 evaluates and reports
+        return None
         best = torch.load(f"{out_dir}/best.pt", weights_only=True)["model"]
         model.load_state_dict(best, strict=False)
     selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
@@ -898,6 +980,7 @@ def make_parser(description):
       "--predict's CSV or --explain's maps")
     a("--resume", metavar="RUN_DIR", help="continue a stopped run with its own options")
     a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
+    a("--amp", action="store_true", help="bfloat16 autocast in training (CUDA only)")
     a("--benchmark", action="store_true", help="time the steps at full size, random weights")
     a("--demo", action="store_true", help="offline demo: synthetic data, tiny random model")
     a("--predict", metavar="DIR", help="classify every image under DIR with --run's best.pt")

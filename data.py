@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
@@ -334,8 +335,12 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
     todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
             if cache is None and v == 0 or cache and not os.path.exists(cache.path(h, v))]
     bad, decoded, started = [], {}, time.time()
+    batches = range(0, len(todo), batch_size)
+    if dist.is_initialized():  # torchrun: each rank every N-th batch, once all have listed todo;
+        dist.barrier()         # whole batches: each entry's bytes are those one process writes
+        batches = batches[dist.get_rank()::dist.get_world_size()]
     model.eval()
-    for start in tqdm(range(0, len(todo), batch_size), desc="feature cache", unit="batch",
+    for start in tqdm(batches, desc="feature cache", unit="batch",
                       disable=not PROGRESS or not todo):
         pixels, keys = [], []
         for path, h, v in todo[start:start + batch_size]:
@@ -352,6 +357,11 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
                 keys.append((h, v))
         if pixels:
             store_stem(model, cache, pixels, keys)
+    if dist.is_initialized():  # every rank's undecodable images, in todo order; waits for all
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = [path for path in dict.fromkeys(path for path, _, _ in todo)
+               if any(path in rank_bad for rank_bad in everyone)]
     if todo and cache:
         print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
               f"({cache.dir})")
