@@ -340,21 +340,21 @@ def attacked_accuracy(model, test_inputs, args):
 
 
 # ---- several processes: torchrun ---------------------------------------------------------------
-# `torchrun --nproc_per_node N SCRIPT.py ...` starts N copies (ranks) with RANK and WORLD_SIZE set.
-# Each builds the same model from the same seed, computes its share of the feature cache (data.
-# build_cache), takes every N-th image of each global batch of --batch-size, and DDP averages the
-# gradients; every rank evaluates (no rank waits on another), rank 0 alone writes and prints.
-# Without torchrun none of this runs: rank 0 of 1, inputs.logits unwrapped.
+# `torchrun --nproc_per_node N SCRIPT.py ...` starts N ranks. Each builds the same seeded model,
+# computes its share of the cache (data.build_cache), takes every N-th image of each global batch
+# and DDP averages the gradients; all evaluate (none waits on another), rank 0 alone writes and
+# prints. Without torchrun (no WORLD_SIZE) none of this runs: rank 0 of 1, no wrapper.
 
 def init_distributed(device):
     """Join torchrun's process group: gloo on CPU, NCCL on CUDA (one GPU per rank). A rank that
     dies ends the job (torchrun stops the rest); one that stalls, within the 60 s timeout."""
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" is now this rank's GPU
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=60))
+    gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else None
+    if gpu:
+        torch.cuda.set_device(gpu)  # "cuda" is now this rank's GPU
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(seconds=60),
+                            device_id=gpu)
     if dist.get_rank() > 0:  # one log: the other ranks' output is rank 0's; errors still show
         sys.stdout, data.PROGRESS = open(os.devnull, "w"), False
 
@@ -363,10 +363,7 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-class Logits(nn.Module):
-    """inputs.logits as a module: DDP syncs the gradients of what runs through forward(), and the
-    cached path runs model.top(), not model.forward()."""
-
+class Logits(nn.Module):  # DDP syncs what runs through forward(); the cached path is model.top()
     def __init__(self, inputs):
         super().__init__()
         self.model, self.logits = inputs.model, inputs.logits
@@ -376,14 +373,14 @@ class Logits(nn.Module):
 
 
 def data_parallel(inputs):
-    """The training step's logits: inputs.logits itself in one process, else through DDP (unused
-    parameters allowed: e.g. the mlp head leaves CLIP's projection out). BatchNorm is synchronised
-    on GPU; torch's SyncBatchNorm is GPU-only, so on CPU each rank normalises its own slice."""
+    """The step's logits: inputs.logits in one process, else through DDP (static graph: the same
+    parameters each step, some unused, e.g. CLIP's projection by the mlp head). BatchNorm is synced
+    on GPU; torch's SyncBatchNorm is GPU-only: on CPU each rank normalises its own slice."""
     if not dist.is_initialized():
         return inputs.logits
     if inputs.model.mean.is_cuda:
         nn.SyncBatchNorm.convert_sync_batchnorm(inputs.model)
-    return nn.parallel.DistributedDataParallel(Logits(inputs), find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(Logits(inputs), static_graph=True)
 
 
 def rank_slice(indices, labels, class_weight):
@@ -397,10 +394,9 @@ def rank_slice(indices, labels, class_weight):
 
 
 def sum_over_ranks(numbers, device):
-    if not dist.is_initialized():
-        return numbers
     total = torch.tensor(numbers, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
+    if dist.is_initialized():
+        dist.all_reduce(total)
     return total.tolist()
 
 
