@@ -346,17 +346,18 @@ def attacked_accuracy(model, test_inputs, args):
 # prints. Without torchrun (no WORLD_SIZE) none of this runs: rank 0 of 1, no wrapper.
 
 def init_distributed(device):
-    """Join torchrun's process group: gloo on CPU, NCCL on CUDA (one GPU per rank). A rank that
-    dies ends the job (torchrun stops the rest); one that stalls, within the 60 s timeout."""
-    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return
-    gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else None
-    if gpu:
-        torch.cuda.set_device(gpu)  # "cuda" is now this rank's GPU
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(seconds=60),
-                            device_id=gpu)
-    if dist.get_rank() > 0:  # one log: the other ranks' output is rank 0's; errors still show
-        sys.stdout, data.PROGRESS = open(os.devnull, "w"), False
+    """This process's rank, after joining torchrun's process group if there is one: gloo on CPU,
+    NCCL on CUDA (one GPU per rank). A rank that dies ends the job (torchrun stops the others);
+    one that stalls, through the 60 s timeout of the rank waiting for it."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else None
+        if gpu:
+            torch.cuda.set_device(gpu)  # "cuda" is now this rank's GPU
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu,
+                                timeout=datetime.timedelta(seconds=60))
+        if dist.get_rank() > 0:  # one log, rank 0's (errors still show: they go to stderr)
+            sys.stdout, data.PROGRESS = open(os.devnull, "w"), False
+    return rank_and_world()[0]
 
 
 def rank_and_world():
@@ -765,7 +766,7 @@ def pick_device(args):
 def run_one(args, build_model, out_dir):
     """One seed: splits, model, feature cache, training, evaluation, the run folder."""
     device = check_arguments(args)
-    init_distributed(device)
+    rank = init_distributed(device)  # 0 without torchrun
     set_seed(args.seed)
     val_fraction = 0.0 if args.select_on == "test" else args.val_fraction
     splits = data.load_splits(args.data, args.seed, val_fraction, args.split)
@@ -782,7 +783,7 @@ def run_one(args, build_model, out_dir):
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = torch.load(checkpoint_path, weights_only=True) \
         if args.resume and os.path.isfile(checkpoint_path) else None
-    if rank_and_world()[0] == 0:  # rank 0 alone writes the run folder
+    if rank == 0:  # rank 0 alone writes the run folder
         stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
     if splits.non_images:
         print(f"note: {len(splits.non_images)} non-image file(s) ignored: {splits.non_images}")
@@ -810,7 +811,7 @@ def run_one(args, build_model, out_dir):
         "current model and trained 1:1 with the clean one")
     counts = {name: np.bincount([s.label for s in samples], minlength=model.n_classes).tolist()
               for name, samples in parts.items()}
-    if rank_and_world()[0] == 0:
+    if rank == 0:
         stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
                           "split_source": splits.source, "classes": list(model.class_names),
                           "non_images_ignored": splits.non_images, "undecodable_skipped": bad,
@@ -823,7 +824,7 @@ def run_one(args, build_model, out_dir):
         with torch.autocast("cuda", torch.bfloat16, enabled=args.amp):  # --amp: CUDA only
             history, best_epoch = train(model, inputs["train"], select, args, out_dir,
                                         checkpoint, view_ids)
-    if rank_and_world()[0] > 0:  # the other ranks' work is done: rank 0 evaluates and reports
+    if rank > 0:  # the other ranks' work is done: rank 0 evaluates and reports
         return None
         best = torch.load(f"{out_dir}/best.pt", weights_only=True)["model"]
         model.load_state_dict(best, strict=False)
