@@ -5,7 +5,7 @@
   probabilities (1e-4) as one process; the cache the 2 ranks build has the same entries, byte for
   byte, as the one built by one process.
 - A killed rank ends the job with a message within a minute; --resume then finishes the run with
-  the uninterrupted run's result.
+  the uninterrupted run's result. --amp (bfloat16) is refused on a CPU.
 """
 import csv
 import json
@@ -90,3 +90,8 @@ def test_a_killed_rank_ends_the_job_and_resume_finishes_it(small_dir, tiny_clip_
     assert resumed["best_epoch"] == whole["best_epoch"]
     np.testing.assert_allclose(probabilities(tmp_path / "run"),
                                probabilities(tmp_path / "whole"), atol=1e-4)
+
+
+def test_amp_is_refused_on_cpu(small_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--amp : CUDA only"):
+        clip_tumor.main(["--data", small_dir, "--device", "cpu", "--amp", "--out", str(tmp_path)])
