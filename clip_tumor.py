@@ -917,7 +917,7 @@ def parse_args(parser, argv=None, **demo_model_defaults):
     args = parser.parse_args(argv)
     if args.demo:
         os.makedirs(DEMO_DIR, exist_ok=True)
-        demo_data = os.path.join(DEMO_DIR, "data-v2")  # v2: a scalp; a new generator, a new name
+        demo_data = os.path.join(DEMO_DIR, "data-v3")  # v3: captions.csv (images as v2: a scalp)
         if not os.path.isdir(demo_data):
             data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
         defaults = dict(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
