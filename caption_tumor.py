@@ -32,7 +32,7 @@ from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneratio
 import clip_tumor
 import data
 import stats
-from clip_tumor import tensor_digest
+from clip_tumor import atomic_save, tensor_digest
 
 # ---- defaults: MedBLIP's choices ---------------------------------------------------------------
 WEIGHTS = "Salesforce/blip-image-captioning-base"  # MedBLIP's BLIP base: hub id or local folder
@@ -317,12 +317,12 @@ def train(model, inputs, texts, references, select, args, out_dir, checkpoint=No
                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started})
         if (cider, -select_loss) > (state["best_cider"], -state["best_loss"]):
             state.update(best_cider=cider, best_loss=select_loss, best_epoch=epoch + 1)
-            clip_tumor.atomic_save({"model": clip_tumor.trainable_state(model), "epoch": epoch + 1,
-                                    "config": vars(args)}, f"{out_dir}/best.pt")
+            atomic_save({"model": clip_tumor.trainable_state(model), "epoch": epoch + 1,
+                         "config": vars(args)}, f"{out_dir}/best.pt")
         state["epoch"] = epoch + 1
-        clip_tumor.atomic_save({"model": clip_tumor.trainable_state(model), **state, "config":
-                                vars(args), "optimizer": optimizer.state_dict()},
-                               f"{out_dir}/checkpoint.pt")
+        atomic_save({"model": clip_tumor.trainable_state(model), "optimizer":
+                     optimizer.state_dict(), **state, "config": vars(args)},
+                    f"{out_dir}/checkpoint.pt")
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {history[-1]['train_loss']:.4f} | "
               f"{args.select_on} loss {select_loss:.4f} CIDEr-D {cider:.4f} | "
               f"{history[-1]['seconds']:.1f}s", flush=True)

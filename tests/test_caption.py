@@ -12,7 +12,8 @@ is the full forward, generation and cross-attention are transformers' own, and a
   and beams); cross_attention_maps equal the decoder's on the caption cut at its class word.
 - Weights that are not a captioner are refused naming the missing ones; a missing folder gives
   one line. A decoder run on a small synthetic set learns (and beats its zero-shot start); the
-  run folder holds what the README says; a run without captions.csv uses class templates.
+  run folder holds what the README says; a run without captions.csv uses class templates; a run
+  killed after epoch 1 resumes to the uninterrupted run's captions and scores.
 """
 import argparse
 import csv
@@ -31,6 +32,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 import caption_tumor
 import data
 import stats
+from conftest import kill_after_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
@@ -244,3 +246,21 @@ def test_a_folder_without_captions_uses_class_templates(small_dir, tiny_weights,
         assert {r["reference"] for r in csv.DictReader(f)} == {
             data.synth_caption(name) for name in data.CLASSES}
     assert metrics["epochs"] == 0 and metrics["best_epoch"] == 0
+
+
+def test_a_killed_run_resumes_to_the_same_result(small_dir, tiny_weights, tmp_path, monkeypatch):
+    common = ["--data", small_dir, "--weights", tiny_weights, "--image-size", "64", "--beams",
+              "1", "--max-length", "8", "--epochs", "2", "--lr", "2e-3", "--batch-size", "8",
+              "--train", "decoder", "--cache-dir", str(tmp_path / "cache")]
+    whole = caption_tumor.main(common + ["--out", str(tmp_path / "whole")])
+    kill_after_first_checkpoint(monkeypatch, caption_tumor)
+    with pytest.raises(KeyboardInterrupt):
+        caption_tumor.main(common + ["--out", str(tmp_path / "killed")])
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="--resume"):  # neither --resume nor --overwrite
+        caption_tumor.main(common + ["--out", str(tmp_path / "killed")])
+    resumed = caption_tumor.main(["--resume", str(tmp_path / "killed")])
+    for split in ("train", "test"):
+        assert resumed[split] == pytest.approx(whole[split], abs=1e-6)
+    assert (tmp_path / "killed" / "captions.csv").read_text() == \
+        (tmp_path / "whole" / "captions.csv").read_text()
