@@ -13,7 +13,9 @@ loss (teacher forcing) and generates with beam search (no_repeat_ngram_size 3); 
 DATA/captions.csv (path,caption; `data.py synth` writes one) or --captions; an image without one
 gets its class's template. Scores (stats.py, as pycocoevalcap): BLEU-1..4, ROUGE-L, CIDEr-D and
 whether the caption names the image's class. The LR schedule is the project's (clip_tumor.py),
-not MedBLIP's StepLR. Measured: see CAPTION_README_SECTION.md (2-core CPU, one thread, tiny BLIP).
+not MedBLIP's StepLR. Measured (`--demo`, tiny random BLIP, 2-core CPU, one thread, seed 42):
+test class accuracy / BLEU-4 0.917 / 0.886 with --train decoder (0.51 s an epoch), 0.983 / 0.905
+with --train full (1.82 s an epoch); zero-shot 0.250 / 0.000. No real BLIP weights measured here.
 """
 import argparse
 import csv
@@ -403,14 +405,15 @@ def run_one(args, out_dir):
                "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
                if history else None, "cache_build_seconds": cache_seconds,
                "undecodable_skipped": len(bad)}
+    generated = {}
     for name in ("train", "val", "test"):
         metrics[name] = None
         if parts[name]:
-            generated, loss = caption_split(model, inputs[name], texts[name], args)
-            labels = inputs[name].labels.tolist()
-            metrics[name] = dict(score_captions(generated, references[name], labels), loss=loss)
-    rows = [(s.path, reference, caption) for s, reference, caption
-            in zip(parts["test"], references["test"], generated, strict=True)]
+            generated[name], loss = caption_split(model, inputs[name], texts[name], args)
+            metrics[name] = dict(score_captions(generated[name], references[name], inputs[
+                name].labels.tolist()), loss=loss)
+    rows = list(zip([s.path for s in parts["test"]], references["test"], generated["test"],
+                    strict=True))
     write_run_files(out_dir, metrics, history, rows)
     test = metrics["test"]
     print(f"test: class accuracy {test['class_accuracy']:.4f}, BLEU-4 {test['bleu_4']:.4f}, "
