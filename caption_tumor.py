@@ -1,10 +1,10 @@
 """Caption brain MRI the MedBLIP way: fine-tune BLIP's captioner, then score what it writes.
 
-    python caption_tumor.py --data ./merged --seed 42     # blip-image-captioning-base, full fine-tuning
-    python caption_tumor.py --demo                        # offline: synthetic images and captions, tiny BLIP
+    python caption_tumor.py --data ./merged --seed 42     # blip-image-captioning-base, all trains
+    python caption_tumor.py --demo                        # offline: synthetic captions, tiny BLIP
     python caption_tumor.py --demo --train decoder        # vision encoder frozen, its tokens cached
     python caption_tumor.py --demo --epochs 0             # zero-shot: the captioner as loaded
-    python caption_tumor.py --benchmark                   # ms per image: cached decoder step vs full step
+    python caption_tumor.py --benchmark                   # ms per image: cached decoder vs full
 
 MedBLIP (Phan et al., ImageCLEFmedical 2024) fine-tunes transformers' BlipForConditionalGeneration
 (Salesforce/blip-image-captioning-base, 224 px, AdamW 1e-5, 15 epochs) with its language-modelling
@@ -72,7 +72,8 @@ class Captioner(nn.Module):
     def __init__(self, blip, processor, train_part, name, weights, image_size):
         super().__init__()
         self.blip, self.tokenizer, self.train_part = blip, processor.tokenizer, train_part
-        self.class_names, self.n_classes, self.image_size = data.CLASSES, len(data.CLASSES), image_size
+        self.class_names, self.n_classes = data.CLASSES, len(data.CLASSES)
+        self.image_size = image_size
         vision, text = blip.vision_model, blip.config.text_config
         assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout must be 0"
         mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
@@ -84,10 +85,13 @@ class Captioner(nn.Module):
         table = embeddings.interpolate_pos_encoding(torch.zeros(shape), image_size, image_size)
         embeddings.position_embedding = nn.Parameter(table.detach())
         blip.text_decoder.label_smoothing = LABEL_SMOOTHING
-        self.special = {"bos": text.bos_token_id, "sep": text.sep_token_id, "pad": text.pad_token_id}
+        self.special = {"bos": text.bos_token_id, "sep": text.sep_token_id,
+                        "pad": text.pad_token_id}
         blip.requires_grad_(False)
-        {"decoder": blip.text_decoder, "encoder": vision, "full": blip}[train_part].requires_grad_(True)
-        self.frozen_parts = {"decoder": [vision], "encoder": [blip.text_decoder], "full": []}[train_part]
+        trained = {"decoder": blip.text_decoder, "encoder": vision, "full": blip}[train_part]
+        trained.requires_grad_(True)
+        self.frozen_parts = [part for part in (vision, blip.text_decoder) if part is not trained
+                             and trained is not blip]
         self.cache_key = {"model": name, "weights": weights, "image_size": image_size,
                           "mean": list(mean), "std": list(std), "vision": vision.config.to_dict(),
                           "frozen_digest": tensor_digest(vision.parameters())}
@@ -487,7 +491,8 @@ def benchmark(args, batch_size=4, rounds=2, caption_tokens=20):
                 started = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - started)
-        ms = {key: round(1000 * float(np.median(t[1:])) / batch_size, 1) for key, t in times.items()}
+        ms = {key: round(1000 * float(np.median(t[1:])) / batch_size, 1)
+              for key, t in times.items()}
         result[f"{size}px"] = dict(ms, full_over_cached=round(ms["full_ms"] /
                                                               ms["cached_decoder_ms"], 2))
         del model, optimizer
@@ -503,9 +508,9 @@ def main(argv=None):
     a = parser.add_argument
     a("--weights", default=WEIGHTS, help="BlipForConditionalGeneration: hub id or local folder")
     a("--image-size", type=int, default=IMAGE_SIZE, help="input size (MedBLIP 224; checkpoint 384)")
-    a("--train", choices=["decoder", "encoder", "full"], default=TRAIN, help="what trains: the text "
-      "decoder (vision encoder frozen, its tokens cached), the vision encoder (decoder frozen), or "
-      "everything (default: MedBLIP's ROCO study found full fine-tuning best)")
+    a("--train", choices=["decoder", "encoder", "full"], default=TRAIN, help="what trains: the "
+      "text decoder (vision encoder frozen, its tokens cached), the vision encoder (decoder "
+      "frozen), or everything (default: MedBLIP's ROCO study found full fine-tuning best)")
     a("--captions", metavar="CSV", help="path,caption (default DATA/captions.csv; images without "
                                         "one: their class's template)")
     a("--beams", type=int, default=BEAMS, help="beam search width, 1 = greedy (MedBLIP: 3)")

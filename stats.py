@@ -405,7 +405,8 @@ def caption_words(text):
 
 def _ngrams(words, n):
     """Counts of the 1- to n-grams (tuples) of a list of words."""
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1)
+                   for i in range(len(words) - k + 1))
 
 
 def bleu(candidates, references, n=4):
@@ -490,7 +491,7 @@ def cider_d(candidates, references, n=4, sigma=6.0):
 
 def caption_class_accuracy(candidates, labels, class_terms):
     """Share of captions naming their image's class and no other: class_terms[c] holds the
-    phrases (whole words) that name class c, e.g. ("no tumor",) for notumor; naming none is wrong."""
+    phrases (whole words) naming class c, e.g. ("no tumor",) for notumor; naming none is wrong."""
     padded = [f" {candidate} " for candidate in candidates]
     named = [{c for c, terms in enumerate(class_terms) if any(f" {t} " in text for t in terms)}
              for text in padded]
