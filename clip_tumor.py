@@ -867,7 +867,7 @@ def make_parser(description):
 def demo_defaults(args):
     """--demo's settings, which become defaults (the user's options still win): the synthetic
     dataset (written once to the demo folder), its own cache, 20 epochs of 2 views at 1e-3."""
-    demo_data = os.path.join(DEMO_DIR, "data-v2")  # v2: a scalp; a new generator, a new name
+    demo_data = os.path.join(DEMO_DIR, "data-v3")  # v3: captions.csv (images as v2: a scalp)
     if not os.path.isdir(demo_data):
         data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
     defaults = dict(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,

@@ -1,6 +1,6 @@
 """Data for tumor-vlm: find the images, split them, decode them, make and cache views, find copies.
 
-    python data.py synth --out ./synth --per-class 60      # MRI-like images, and lesions.csv
+    python data.py synth --out ./synth --per-class 60      # MRI-like images, lesions/captions.csv
     python data.py audit --data DIR --out OUT              # test images that copy training ones
     python data.py split --data DIR --out split.csv --leak-free   # copies kept in one part
     python data.py merge SRC... --out ./merged             # several datasets, one copy per image
@@ -42,6 +42,7 @@ CLASS_ALIASES = {  # folder name, lower case with spaces/hyphens as "_" -> class
 UNLABELLED_FOLDERS = {"yes": "Br35H yes/: tumour of unknown type", "pred": "Br35H pred/: no label"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLIT_FOLDERS = {"training": "train", "train": "train", "testing": "test", "test": "test"}
+CAPTION_NOUNS = {"glioma": "glioma", "meningioma": "meningioma", "pituitary": "pituitary tumor"}
 PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only; a log gets a line per phase
 
 # Augmentation of views 1..K-1 (the paper's Data Preprocessing list). Changing any number here
@@ -418,15 +419,33 @@ def synth_image(label, rng, size=96):
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), box
 
 
+def synth_caption(name, box=None, size=96):
+    """A caption of what the generator knows of an image: its class, the lesion's size (box width
+    over the image's) and place in the image (left/right as seen, not the patient's sides);
+    without a box, the class template ('axial mri slice with a glioma'). Lower case, no commas."""
+    if name == "notumor":
+        return "axial mri slice with no tumor"
+    noun = CAPTION_NOUNS[name]
+    if box is None:
+        return f"axial mri slice with a {noun}"
+    width, (x, y) = (box[2] - box[0]) / size, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    extent = "small" if width < 0.15 else "medium" if width < 0.24 else "large"
+    vertical = "upper" if y < size * 0.42 else "lower" if y > size * 0.58 else ""
+    horizontal = "left" if x < size * 0.42 else "right" if x > size * 0.58 else "middle"
+    where = f"in the {vertical} {horizontal}" if vertical else f"on the {horizontal}"
+    return f"axial mri slice with a {extent} {noun} {where}"
+
+
 def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
     """Kaggle layout (per_class training, max(per_class // 4, 5) test images per class), lesions.csv
-    (path,x0,y0,x1,y1; x1, y1 exclusive): out_dir.partial<pid>, renamed (a killed one stays)."""
+    (path,x0,y0,x1,y1; x1, y1 exclusive), captions.csv (path,caption: synth_caption; the images are
+    those of the generator before captions): out_dir.partial<pid>, renamed (a killed one stays)."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"error: {out_dir}: folder is not empty; choose a new --out")
     partial = f"{os.path.normpath(out_dir)}.partial{os.getpid()}"  # one per writer
     shutil.rmtree(partial, ignore_errors=True)  # ours, from an interrupted call
     rng = np.random.default_rng(seed)
-    boxes = [("path", "x0", "y0", "x1", "y1")]
+    boxes, captions = [("path", "x0", "y0", "x1", "y1")], [("path", "caption")]
     for split, count in (("Training", per_class), ("Testing", max(per_class // 4, 5))):
         for label, name in enumerate(CLASSES):
             os.makedirs(os.path.join(partial, split, name))
@@ -436,7 +455,9 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
                 image.save(os.path.join(partial, path), quality=95)
                 if box:
                     boxes.append((path, *box))
+                captions.append((path, synth_caption(name, box, size)))
     write_csv(os.path.join(partial, "lesions.csv"), boxes)
+    write_csv(os.path.join(partial, "captions.csv"), captions)
     try:
         os.replace(partial, out_dir)  # one rename (it replaces an empty out_dir)
     except OSError:  # out_dir filled meanwhile: by another writer if it holds lesions.csv
@@ -723,7 +744,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "synth":
         write_synthetic_dataset(args.out, args.per_class, args.seed)
-        print(f"wrote {args.out}: Training/ and Testing/ with {', '.join(CLASSES)}, lesions.csv")
+        print(f"wrote {args.out}: Training/ and Testing/ with {', '.join(CLASSES)}, lesions.csv, "
+              f"captions.csv")
     elif args.command == "audit":
         run_audit(args.data, args.out, args.cache)
     elif args.command == "split":

@@ -9,7 +9,10 @@ indices (N,); probs: (N, C); a confusion matrix has rows = true, columns = predi
 import argparse
 import csv
 import json
+import math
 import os
+import re
+from collections import Counter
 
 import numpy as np
 from scipy import optimize, special, stats as scipy_stats
@@ -268,6 +271,112 @@ def accuracy_difference_ci(correct_a, correct_b, **bootstrap_options):
     return bootstrap_ci((differences,), np.mean, **bootstrap_options)
 
 
+# ---- caption metrics: BLEU, ROUGE-L, CIDEr-D, class accuracy ---------------------------------
+# As pycocoevalcap computes them (tests/test_caption.py compares to 1e-6): candidates are the
+# generated captions, references a list of captions per image, all normalised by caption_words.
+# METEOR (needs Java), BERTScore and CLIPScore (need model weights) are not computed here.
+
+def caption_words(text):
+    """Lower case, punctuation dropped, words joined by single spaces (MedBLIP's cleaning)."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _ngrams(words, n):
+    """Counts of the 1- to n-grams (tuples) of a list of words."""
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1)
+                   for i in range(len(words) - k + 1))
+
+
+def bleu(candidates, references, n=4):
+    """[BLEU-1, ..., BLEU-n] of the corpus (Papineni et al. 2002): n-gram matches (clipped at the
+    most any one reference has) and n-grams summed over all images, geometric mean of precisions
+    1..k, times exp(1 - r / c) when c, the candidates' words, is below r, the sum over images of
+    the reference length closest to the candidate's (a tie: the shorter; pycocoevalcap's)."""
+    correct, guessed, length, reference_length = np.zeros(n), np.zeros(n), 0, 0
+    for candidate, refs in zip(candidates, references, strict=True):
+        words, ref_words = candidate.split(), [ref.split() for ref in refs]
+        most = Counter()
+        for ref in ref_words:
+            most |= _ngrams(ref, n)  # | keeps the larger count of each n-gram
+        for gram, count in _ngrams(words, n).items():
+            correct[len(gram) - 1] += min(count, most[gram])
+        guessed += np.maximum(len(words) - np.arange(n), 0)
+        length += len(words)
+        reference_length += min((abs(len(ref) - len(words)), len(ref)) for ref in ref_words)[1]
+    scores = np.cumprod((correct + 1e-15) / (guessed + 1e-9)) ** (1 / np.arange(1, n + 1))
+    ratio = (length + 1e-15) / (reference_length + 1e-9)  # pycocoevalcap's guards against 0
+    return (scores * (math.exp(1 - 1 / ratio) if ratio < 1 else 1.0)).tolist()
+
+
+def _lcs_length(a, b):
+    """Length of the longest common subsequence of two word lists (dynamic programming)."""
+    previous = [0] * (len(b) + 1)
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidates, references, beta=1.2):
+    """Mean over images of ROUGE-L (Lin 2004) as pycocoevalcap: P and R = the longest common
+    subsequence over the candidate's and the reference's length, the best of each over the
+    references, F = (1 + beta^2) P R / (R + beta^2 P), 0 when P or R is 0."""
+    scores = []
+    for candidate, refs in zip(candidates, references, strict=True):
+        words = candidate.split()
+        lcs = [(_lcs_length(words, ref.split()), len(ref.split())) for ref in refs]
+        precision = max(common / max(len(words), 1) for common, _ in lcs)
+        recall = max(common / max(ref_length, 1) for common, ref_length in lcs)
+        scores.append((1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision)
+                      if precision and recall else 0.0)
+    return float(np.mean(scores))
+
+
+def cider_d(candidates, references, n=4, sigma=6.0):
+    """CIDEr-D (Vedantam et al. 2015) as pycocoevalcap's Cider: TF-IDF vectors of 1..n-grams with
+    IDF log(images / images whose references hold the n-gram, at least 1); per n, the cosine of
+    candidate and reference with the candidate's weights clipped at the reference's, times
+    exp(-delta^2 / (2 sigma^2)) for delta the difference in length (counted in bigrams, as
+    pycocoevalcap does); mean over n and references, x 10, mean over images."""
+    counted = [(_ngrams(c.split(), n), [_ngrams(r.split(), n) for r in refs])
+               for c, refs in zip(candidates, references, strict=True)]
+    documents = Counter(gram for _, refs in counted for gram in set().union(*refs))
+    log_images = math.log(len(counted))
+
+    def weights(grams):  # ([{n-gram: tf-idf} for each n], [norm for each n], bigrams)
+        vectors = [{} for _ in range(n)]
+        for gram, count in grams.items():
+            vectors[len(gram) - 1][gram] = count * (log_images - math.log(max(1, documents[gram])))
+        norms = [math.sqrt(sum(w * w for w in vector.values())) for vector in vectors]
+        return vectors, norms, sum(count for gram, count in grams.items() if len(gram) == 2)
+
+    scores = []
+    for candidate, refs in counted:
+        vectors, norms, length = weights(candidate)
+        total = np.zeros(n)
+        for ref in refs:
+            ref_vectors, ref_norms, ref_length = weights(ref)
+            for k in range(n):
+                overlap = sum(min(w, ref_vectors[k].get(g, 0.0)) * ref_vectors[k].get(g, 0.0)
+                              for g, w in vectors[k].items())
+                cosine = overlap / (norms[k] * ref_norms[k]) if norms[k] and ref_norms[k] else 0.0
+                total[k] += cosine * math.exp(-(length - ref_length) ** 2 / (2 * sigma ** 2))
+        scores.append(10.0 * total.mean() / len(refs))
+    return float(np.mean(scores))
+
+
+def caption_class_accuracy(candidates, labels, class_terms):
+    """Share of captions naming their image's class and no other: class_terms[c] holds the
+    phrases (whole words) naming class c, e.g. ("no tumor",) for notumor; naming none is wrong."""
+    padded = [f" {candidate} " for candidate in candidates]
+    named = [{c for c, terms in enumerate(class_terms) if any(f" {t} " in text for t in terms)}
+             for text in padded]
+    return float(np.mean([classes == {label} for classes, label in zip(named, labels,
+                                                                         strict=True)]))
+
+
 # ---- the run folder: metrics.json, predictions.csv, report.txt, figures ------------------------
 
 def _to_json(value):
@@ -304,7 +413,7 @@ def write_json(obj, path):
 
 # What a run writes: --overwrite may replace these, and nothing else in the run folder.
 RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "checkpoint.pt",
-             "best.pt", "confusion_matrix.png", "curves.png", "reliability.png")
+             "best.pt", "confusion_matrix.png", "curves.png", "reliability.png", "captions.csv")
 
 
 def claim_run_folder(out_dir, overwrite, resume):

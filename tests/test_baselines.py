@@ -244,7 +244,7 @@ def test_demo_learns_and_the_options_given_win(tmp_path, monkeypatch):
     assert saved["epochs"] == 5 and saved["model"] == "test_resnet"
     config = json.loads((out / "config.json").read_text())["args"]
     assert config["pretrained"] == "none" and config["views"] == 2  # the demo's defaults
-    assert config["image_size"] == 32 and config["data"] == str(tmp_path / "demo" / "data-v2")
+    assert config["image_size"] == 32 and config["data"] == str(tmp_path / "demo" / "data-v3")
 
 
 def test_resume_with_train_from_gives_same_result(synth_dir, tmp_path, monkeypatch):

@@ -345,7 +345,7 @@ def test_demo_defaults_yield_to_the_options_given(tmp_path, monkeypatch, capsys)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["seed"] == 7 and not (tmp_path / "runs").exists()
     config = json.loads((out / "config.json").read_text())
-    assert config["args"]["data"].endswith("data-v2") and config["args"]["cache_dir"]
+    assert config["args"]["data"].endswith("data-v3") and config["args"]["cache_dir"]
     log = capsys.readouterr()
     text = log.out + log.err
     assert data.PROGRESS or "\r" not in text  # a log: no bars

@@ -222,7 +222,7 @@ def test_synthetic_writer_killed_midway_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "synth_image", real_synth_image)
     data.write_synthetic_dataset(out, per_class=8)
     assert not os.path.exists(partial)
-    assert sum(len(files) for _, _, files in os.walk(out)) == 4 * (8 + 5) + 1  # + lesions.csv
+    assert sum(len(files) for _, _, files in os.walk(out)) == 4 * (8 + 5) + 2  # + the 2 CSVs
 
 
 def test_two_synthetic_writers_at_once_keep_one_complete_dataset(tmp_path, monkeypatch):

@@ -1,0 +1,529 @@
+"""Caption brain MRI the MedBLIP way: fine-tune BLIP's captioner, then score what it writes.
+
+    python caption_tumor.py --data ./merged --seed 42     # blip-image-captioning-base, all trains
+    python caption_tumor.py --demo                        # offline: synthetic captions, tiny BLIP
+    python caption_tumor.py --demo --train decoder        # vision encoder frozen, its tokens cached
+    python caption_tumor.py --demo --epochs 0             # zero-shot: the captioner as loaded
+    python caption_tumor.py --benchmark                   # ms per image: cached decoder vs full
+
+MedBLIP (Phan et al., ImageCLEFmedical 2024) fine-tunes transformers' BlipForConditionalGeneration
+(Salesforce/blip-image-captioning-base, 224 px, AdamW 1e-5, 15 epochs) with its language-modelling
+loss (teacher forcing) and generates with beam search (no_repeat_ngram_size 3); the ROCO study
+(2025) found full fine-tuning best and decoder-only (encoder frozen) close. Captions come from
+DATA/captions.csv (path,caption; `data.py synth` writes one) or --captions; an image without one
+gets its class's template. Scores (stats.py, as pycocoevalcap): BLEU-1..4, ROUGE-L, CIDEr-D and
+whether the caption names the image's class. The LR schedule is the project's (clip_tumor.py),
+not MedBLIP's StepLR. Measured (`--demo`, tiny random BLIP, 2-core CPU, one thread, seed 42):
+test class accuracy / BLEU-4 0.917 / 0.886 with --train decoder (0.51 s an epoch), 0.983 / 0.905
+with --train full (1.82 s an epoch); zero-shot 0.250 / 0.000. `--benchmark` (random BLIP base,
+224 px, batch 4, 2 threads, two runs): a cached decoder step 714 / 255 ms per image, a full step
+2731 / 986 (3.8x / 3.9x). No real BLIP weights are measured here (offline).
+"""
+import argparse
+import csv
+import json
+import os
+import resource
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
+                          BlipImageProcessor, BlipProcessor)
+
+import clip_tumor
+import data
+import stats
+from clip_tumor import atomic_save, tensor_digest
+
+# ---- defaults: MedBLIP's choices ---------------------------------------------------------------
+WEIGHTS = "Salesforce/blip-image-captioning-base"  # MedBLIP's BLIP base: hub id or local folder
+IMAGE_SIZE = 224         # "Input image were resized to 224 x 224" (the checkpoint itself: 384)
+TRAIN = "full"           # the ROCO study: full fine-tuning best, decoder-only ~5 % less time
+EPOCHS = 15              # BLIP base: "training was conducted over 15 epochs"
+LEARNING_RATE = 1e-5     # "initial learning rate of 1e-5", AdamW
+BEAMS = 3                # beam search 3 gave BLIP base its best BLEU (1 = greedy)
+NO_REPEAT_NGRAM = 3      # every generation setting used no_repeat_ngram_size = 3
+MAX_LENGTH = 40          # tokens a generated caption may have, [DEC] included
+VIEWS = 1                # the plain image only: MedBLIP names no augmentation, and a flip would
+                         # swap the left and right that captions name
+TEXT_LENGTH = 200        # training captions cut at 200 tokens ("maximum length of text input")
+LABEL_SMOOTHING = 0.1    # BLIP's LM loss (salesforce/BLIP med.py); transformers 5 reads it from
+                         # the config, where it defaults to 0, so it is set on the model below
+CLASS_TERMS = {"glioma": ("glioma",), "meningioma": ("meningioma",),  # words naming a class
+               "notumor": ("no tumor", "no tumour", "normal"), "pituitary": ("pituitary",)}
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BERT's, then BLIP's
+                                                                          # caption start
+# A tiny BLIP captioner for --demo and the tests (vision std 0.125 as blip_tumor.py's)
+TINY_WIDTH = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4}
+TINY_CONFIG = {"vision_config": {**TINY_WIDTH, "num_hidden_layers": 4, "image_size": 64,
+                                 "patch_size": 8, "initializer_range": 0.125},
+               "text_config": {**TINY_WIDTH, "num_hidden_layers": 2, "max_position_embeddings": 64,
+                               "pad_token_id": 0, "sep_token_id": 3, "eos_token_id": 3,
+                               "bos_token_id": 5}}
+DEMO = {"epochs": 40, "lr": 2e-3, "views": VIEWS, "beams": 1, "max_length": 16}  # --demo's own
+
+# ---- model -------------------------------------------------------------------------------------
+
+class Captioner(nn.Module):
+    """BlipForConditionalGeneration with the part --train names trainable. --train decoder: the
+    vision encoder is frozen and is the feature cache's stem; its tokens are read from disk."""
+
+    def __init__(self, blip, processor, train_part, name, weights, image_size):
+        super().__init__()
+        self.blip, self.tokenizer, self.train_part = blip, processor.tokenizer, train_part
+        self.class_names, self.n_classes = data.CLASSES, len(data.CLASSES)
+        self.image_size = image_size
+        vision, text = blip.vision_model, blip.config.text_config
+        assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout must be 0"
+        mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        # the position table resized once for image_size, by transformers' own bicubic code
+        embeddings = vision.embeddings
+        shape = (1, 1 + (image_size // embeddings.patch_size) ** 2, embeddings.embed_dim)
+        table = embeddings.interpolate_pos_encoding(torch.zeros(shape), image_size, image_size)
+        embeddings.position_embedding = nn.Parameter(table.detach())
+        blip.text_decoder.label_smoothing = LABEL_SMOOTHING
+        self.special = {"bos": text.bos_token_id, "sep": text.sep_token_id,
+                        "pad": text.pad_token_id}
+        blip.requires_grad_(False)
+        trained = {"decoder": blip.text_decoder, "encoder": vision, "full": blip}[train_part]
+        trained.requires_grad_(True)
+        self.frozen_parts = [part for part in (vision, blip.text_decoder) if part is not trained
+                             and trained is not blip]
+        self.cache_key = {"model": name, "weights": weights, "image_size": image_size,
+                          "mean": list(mean), "std": list(std), "vision": vision.config.to_dict(),
+                          "frozen_digest": tensor_digest(vision.parameters())}
+
+    def train(self, mode=True):
+        super().train(mode)
+        for part in self.frozen_parts:  # frozen parts stay in eval mode: full path = cached one
+            part.eval()
+        return self
+
+    def stem(self, pixels):
+        """(B, 3, S, S) in [0, 1] -> (B, 1 + H*W, D) vision tokens, CLS first: all the decoder
+        sees of an image, so with the encoder frozen they are computed once and cached."""
+        return self.blip.vision_model((pixels - self.mean) / self.std).last_hidden_state
+
+    def caption_loss(self, image_tokens, ids, mask):
+        """transformers' own LM loss of the decoder on image tokens: cross-entropy of each next
+        token (label smoothing 0.1), padding ignored (-100), mean over the caption tokens."""
+        return self.blip.text_decoder(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(
+            mask == 0, -100), encoder_hidden_states=image_tokens).loss
+
+    def forward(self, pixels, ids, mask):
+        """The same loss by BlipForConditionalGeneration.forward: the vision encoder every step."""
+        return self.blip(pixel_values=(pixels - self.mean) / self.std, input_ids=ids,
+                         attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+
+    @torch.no_grad()
+    def generate(self, image_tokens, beams, max_length):
+        """(B, T) ids, [DEC] first, of the captions BlipForConditionalGeneration.generate writes
+        from the pixels behind image_tokens (a test compares); padded after [SEP]."""
+        start = torch.full((len(image_tokens), 1), self.special["bos"], device=image_tokens.device)
+        return self.blip.text_decoder.generate(
+            input_ids=start, encoder_hidden_states=image_tokens, encoder_attention_mask=torch.ones(
+                image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device),
+            eos_token_id=self.special["sep"], pad_token_id=self.special["pad"], do_sample=False,
+            num_beams=beams, max_length=max_length, no_repeat_ngram_size=NO_REPEAT_NGRAM)
+
+    def decode(self, ids):
+        """Generated ids -> captions as scored: lower case, no punctuation ([DEC] dropped)."""
+        texts = self.tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True)
+        return [stats.caption_words(text) for text in texts]
+
+    def tokenize(self, captions):
+        """(ids, mask), each (N, L): [DEC] in place of [CLS], as BLIP's decoder reads a caption."""
+        limit = min(TEXT_LENGTH, self.blip.config.text_config.max_position_embeddings)
+        tokens = self.tokenizer(captions, padding="longest", truncation=True, max_length=limit,
+                                return_tensors="pt")
+        ids = tokens["input_ids"].clone()
+        ids[:, 0] = self.special["bos"]
+        return ids, tokens["attention_mask"]
+
+
+def random_blip(**config):
+    """A random BlipForConditionalGeneration (full size without config) and its processor; the
+    tokenizer knows every word of the synthetic captions (each size and place) and [DEC]."""
+    boxes = [(x, y, x + w, y + w) for x in (0, 40, 80) for y in (0, 40, 80) for w in (8, 20, 30)]
+    words = {word for name in data.CLASSES for box in boxes + [None]
+             for word in data.synth_caption(name, box).split()}
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL_TOKENS + sorted(words))},
+                              bos_token="[DEC]")
+    if config:  # the tiny model: its vocabulary is the tokenizer's
+        config = dict(config, text_config=dict(config["text_config"], vocab_size=len(tokenizer)))
+    blip = BlipForConditionalGeneration(BlipConfig(**config)).eval()
+    return blip, BlipProcessor(BlipImageProcessor(), tokenizer)  # processor: mean, std, words
+
+
+def write_tiny_weights(folder):
+    """The tiny random captioner and its processor, saved for --weights FOLDER (--demo, tests)."""
+    torch.manual_seed(0)
+    for part in random_blip(**TINY_CONFIG):  # the model, then its processor
+        part.save_pretrained(folder)
+    return folder
+
+
+def build_model(args):
+    """Captioner on --weights; --benchmark: full-size random weights, nothing downloaded."""
+    clip_tumor.set_seed(args.seed)
+    if args.benchmark:
+        return Captioner(*random_blip(), args.train, "blip-base", "random", args.image_size)
+    path = os.path.expanduser(args.weights)
+    try:
+        blip, info = BlipForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+        processor = BlipProcessor.from_pretrained(path)
+    except (OSError, ValueError) as error:  # offline, no such folder, not a BLIP folder, ...
+        raise SystemExit(f"error: --weights {args.weights}: cannot load BLIP ({error!r:.200}); "
+                         f"pass a save_pretrained folder or `hf download {WEIGHTS} --local-dir D`")
+    new = [key for key in info["missing_keys"] if key.startswith(("vision_model", "text_decoder"))]
+    if new:
+        raise SystemExit(f"error: --weights {args.weights}: {len(new)} captioner weight(s) are not "
+                         f"in it and would start random: {', '.join(sorted(new)[:10])}; use a "
+                         f"captioning checkpoint such as {WEIGHTS}")
+    name = os.path.basename(os.path.normpath(args.weights))
+    return Captioner(blip, processor, args.train, name, args.weights, args.image_size)
+
+
+# ---- for predict.py: captions and cross-attention maps of new images ---------------------------
+
+@torch.no_grad()
+def run_tokens(model, pixels, options):
+    """Vision tokens of view-0 pixels along the run's own path: a cached run's were stored fp16."""
+    tokens = model.eval().stem(pixels.to(model.mean.device))
+    return tokens.half().float() if options.train == "decoder" and not options.no_cache else tokens
+
+
+def describe(model, pixels, options):
+    """Captions of view-0 pixels (B, 3, S, S) in [0, 1], with the run's beams and max length."""
+    tokens = run_tokens(model, pixels, options)
+    return model.decode(model.generate(tokens, options.beams, options.max_length))
+
+
+@torch.no_grad()
+def cross_attention_maps(model, pixels, options):
+    """((B, h, w) maps, captions): the decoder's cross-attention on the image patches (CLS
+    dropped), mean over layers and heads, of the step that generated the caption's first class
+    word (its query: the position before the word), else the mean over every generating step."""
+    tokens = run_tokens(model, pixels, options)
+    ids = model.generate(tokens, options.beams, options.max_length)     # (B, T), [DEC] first
+    mask = (ids != model.special["pad"]).long()
+    attentions = model.blip.text_decoder(input_ids=ids, attention_mask=mask, output_attentions=True,
+                                         encoder_hidden_states=tokens).cross_attentions
+    attention = torch.stack(attentions).mean((0, 2))[..., 1:]            # (B, T, H*W)
+    terms = [model.tokenizer(term, add_special_tokens=False)["input_ids"]
+             for name in data.CLASSES for term in CLASS_TERMS[name]]
+    maps = []
+    for row, weights, length in zip(ids.tolist(), attention, mask.sum(1).tolist()):
+        starts = [t for t in range(1, length) for term in terms if row[t:t + len(term)] == term]
+        steps = [min(starts) - 1] if starts else list(range(max(length - 1, 1)))
+        maps.append(weights[steps].mean(0))
+    side = int(round(attention.shape[-1] ** 0.5))
+    return torch.stack(maps).view(len(ids), side, side).cpu().numpy(), model.decode(ids)
+
+
+# ---- data: captions ----------------------------------------------------------------------------
+
+def read_captions(args, samples):
+    """{path: caption} from --captions or DATA/captions.csv (path,caption; paths relative to
+    --data); an image without one gets its class's template (data.synth_caption), said once."""
+    path, table = args.captions or os.path.join(args.data, "captions.csv"), {}
+    if args.captions or os.path.isfile(path):
+        try:
+            with open(path, newline="") as f:
+                table = {row["path"]: row["caption"] for row in csv.DictReader(f)}
+        except (OSError, KeyError, csv.Error) as error:
+            raise SystemExit(f"error: {path}: cannot read captions ({error!r}); need a CSV with "
+                             f"columns path,caption, paths relative to --data")
+    missing = [s for s in samples if not table.get(s.path)]
+    if missing:
+        print(f"note: {len(missing)} of {len(samples)} images have no caption in {path}; their "
+              f"class's template is used (e.g. '{data.synth_caption('glioma')}')")
+    return {s.path: table.get(s.path) or data.synth_caption(data.CLASSES[s.label]) for s in samples}
+
+
+def text_batch(texts, indices, device):
+    """The captions of a batch as (ids, mask), cut to the batch's longest caption."""
+    ids, mask = texts[0][indices], texts[1][indices]
+    length = int(mask.sum(1).max())
+    return ids[:, :length].to(device), mask[:, :length].to(device)
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def caption_split(model, inputs, texts, args):
+    """(generated captions, mean teacher-forced loss) of view 0 of every image in a split."""
+    model.eval()
+    generated, total_loss, device = [], 0.0, model.mean.device
+    for start in range(0, len(inputs), args.batch_size):
+        indices = list(range(start, min(start + args.batch_size, len(inputs))))
+        batch = inputs.batch(indices, [0] * len(indices)).to(device)
+        tokens = batch if inputs.cache is not None else model.stem(batch)
+        total_loss += model.caption_loss(tokens, *text_batch(texts, indices, device)).item() \
+            * len(indices)
+        generated += model.decode(model.generate(tokens, args.beams, args.max_length))
+    return generated, total_loss / max(len(inputs), 1)
+
+
+def score_captions(generated, references, labels):
+    """The caption metrics of one split (stats.py): one reference caption per image."""
+    references = [[reference] for reference in references]
+    scores = dict(zip(("bleu_1", "bleu_2", "bleu_3", "bleu_4"), stats.bleu(generated, references)))
+    return dict(scores, rouge_l=stats.rouge_l(generated, references), n=len(generated),
+                cider=stats.cider_d(generated, references), class_accuracy=stats
+                .caption_class_accuracy(generated, labels, [CLASS_TERMS[c] for c in data.CLASSES]))
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def train(model, inputs, texts, references, select, args, out_dir, checkpoint=None):
+    """The training loop: AdamW, warm-up and warm restarts, teacher-forced LM loss; the best
+    epoch has the highest CIDEr-D on the selection split (a tie: the lower loss)."""
+    device, cached = model.mean.device, inputs["train"].cache is not None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    state = {"epoch": 0, "best_cider": -1.0, "best_loss": float("inf"), "best_epoch": 0,
+             "history": []}
+    if checkpoint is not None:  # --resume: everything the next epoch depends on
+        model.load_state_dict(checkpoint["model"], strict=False)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = {k: checkpoint[k] for k in state}
+    n, history = len(inputs["train"]), state["history"]
+    steps = max(n // args.batch_size, 1)
+    for epoch in range(state["epoch"], args.epochs):
+        started = time.time()
+        # batch order and views come from (seed, epoch) alone, so a resumed run replays them
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        order, views = torch.randperm(n, generator=g).tolist(), torch.randint(
+            0, args.views, (n,), generator=g).tolist()
+        model.train()
+        total_loss, seen = 0.0, 0
+        for step in range(steps):
+            for group in optimizer.param_groups:  # the schedule's value where this step starts
+                group["lr"] = clip_tumor.learning_rate(epoch + step / steps, args.lr,
+                                                       args.warmup_epochs)
+            indices = order[step * args.batch_size:(step + 1) * args.batch_size]
+            batch = inputs["train"].batch(indices, [views[i] for i in indices]).to(device)
+            ids, mask = text_batch(texts["train"], indices, device)
+            loss = model.caption_loss(batch, ids, mask) if cached else model(batch, ids, mask)
+            if not torch.isfinite(loss):  # diverged: stop before NaN reaches any result
+                raise SystemExit(f"error: the loss is {loss.item()} at epoch {epoch + 1}, step "
+                                 f"{step + 1}: training diverged; try a lower --lr than {args.lr}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss, seen = total_loss + loss.item() * len(indices), seen + len(indices)
+        generated, select_loss = caption_split(model, inputs[select], texts[select], args)
+        cider = stats.cider_d(generated, [[reference] for reference in references[select]])
+        history.append({"epoch": epoch + 1, "train_loss": total_loss / seen,
+                        "select_loss": select_loss, "select_cider": cider,
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started})
+        if (cider, -select_loss) > (state["best_cider"], -state["best_loss"]):
+            state.update(best_cider=cider, best_loss=select_loss, best_epoch=epoch + 1)
+            atomic_save({"model": clip_tumor.trainable_state(model), "epoch": epoch + 1,
+                         "config": vars(args)}, f"{out_dir}/best.pt")
+        state["epoch"] = epoch + 1
+        atomic_save({"model": clip_tumor.trainable_state(model), "optimizer":
+                     optimizer.state_dict(), **state, "config": vars(args)},
+                    f"{out_dir}/checkpoint.pt")
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {history[-1]['train_loss']:.4f} | "
+              f"{args.select_on} loss {select_loss:.4f} CIDEr-D {cider:.4f} | "
+              f"{history[-1]['seconds']:.1f}s", flush=True)
+    return history, state["best_epoch"]
+
+
+# ---- the run: data -> cache -> train -> captions -> run folder ---------------------------------
+
+def write_run_files(out_dir, metrics, history, rows):
+    """metrics.json, captions.csv (test: path,reference,generated), report.txt, curves.png."""
+    stats.write_json(metrics, os.path.join(out_dir, "metrics.json"))
+    stats.atomic_write(os.path.join(out_dir, "captions.csv"), lambda f: csv.writer(f).writerows(
+        [("path", "reference", "generated")] + rows), "w")
+    keys = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "class_accuracy", "loss")
+    lines = [f"{metrics['model']} --train {metrics['train_mode']}, seed {metrics['seed']}, best "
+             f"epoch {metrics['best_epoch']} of {metrics['epochs']} (validation CIDEr-D)", "",
+             f"{'split':<6}" + "".join(f"{key:>15}" for key in keys)]
+    lines += [f"{split:<6}" + "".join(f"{metrics[split][key]:>15.4f}" for key in keys)
+              for split in ("train", "val", "test") if metrics[split]]
+    lines += ["", "test captions (reference | generated):"] + [f"{path}: {ref} | {gen}"
+                                                               for path, ref, gen in rows[:12]]
+    stats.atomic_write(os.path.join(out_dir, "report.txt"), lambda f: f.write("\n".join(lines)
+                                                                              + "\n"), "w")
+    if history:  # loss per epoch (train: augmented views) and the selection split's CIDEr-D
+        figure, (losses, ciders) = stats._new_figure(10, 4, columns=2)
+        epochs = [entry["epoch"] for entry in history]
+        for key in ("train_loss", "select_loss"):
+            losses.plot(epochs, [entry[key] for entry in history], marker="o", label=key)
+        ciders.plot(epochs, [entry["select_cider"] for entry in history], marker="o")
+        losses.set(xlabel="epoch", ylabel="LM loss")
+        losses.legend()
+        ciders.set(xlabel="epoch", ylabel="selection CIDEr-D")
+        figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
+
+
+def run_one(args, out_dir):
+    """One seed: splits, captions, model, feature cache (--train decoder), training, scores."""
+    device = clip_tumor.check_arguments(args)
+    clip_tumor.set_seed(args.seed)
+    splits = data.load_splits(args.data, args.seed, 0.0 if args.select_on == "test" else
+                              args.val_fraction, args.split)
+    model = build_model(args).to(device)
+    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+    checkpoint = torch.load(checkpoint_path, weights_only=True) \
+        if args.resume and os.path.isfile(checkpoint_path) else None
+    stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
+    everything = splits.train + splits.val + splits.test
+    captions = read_captions(args, everything)
+    hashes = {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in everything}
+    started, cached = time.time(), args.train == "decoder" and not args.no_cache
+    cache = data.FeatureCache(args.cache_dir, model) if cached else None
+    jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
+    jobs.update({s.path: (hashes[s.path], list(range(args.views))) for s in splits.train})
+    bad = data.build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad)
+    cache_seconds = time.time() - started
+    parts = {name: [s for s in getattr(splits, name) if s.path not in bad]
+             for name in ("train", "val", "test")}
+    inputs = {name: data.Inputs(samples, hashes, args.data, model, cache)
+              for name, samples in parts.items()}
+    texts = {name: model.tokenize([captions[s.path] for s in samples]) if samples else None
+             for name, samples in parts.items()}
+    references = {name: [stats.caption_words(captions[s.path]) for s in samples]
+                  for name, samples in parts.items()}
+    stats.write_json({"args": vars(args), "model_key": model.cache_key, "split_source":
+                      splits.source, "classes": list(data.CLASSES), "counts": {name: len(samples)
+                      for name, samples in parts.items()}, "undecodable_skipped": bad},
+                     os.path.join(out_dir, "config.json"))
+    history, best_epoch = [], 0
+    if args.epochs > 0:
+        select = "test" if args.select_on == "test" else "val"
+        history, best_epoch = train(model, inputs, texts, references, select, args, out_dir,
+                                    checkpoint)
+        model.load_state_dict(torch.load(f"{out_dir}/best.pt", weights_only=True)["model"],
+                              strict=False)
+    metrics = {"model": model.cache_key["model"], "train_mode": args.train, "seed": args.seed,
+               "epochs": args.epochs, "best_epoch": best_epoch, "cached": cached,
+               "selection": f"{args.select_on} CIDEr-D", "beams": args.beams,
+               "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
+               if history else None, "cache_build_seconds": cache_seconds,
+               "undecodable_skipped": len(bad)}
+    generated = {}
+    for name in ("train", "val", "test"):
+        metrics[name] = None
+        if parts[name]:
+            generated[name], loss = caption_split(model, inputs[name], texts[name], args)
+            metrics[name] = dict(score_captions(generated[name], references[name], inputs[
+                name].labels.tolist()), loss=loss)
+    rows = list(zip([s.path for s in parts["test"]], references["test"], generated["test"],
+                    strict=True))
+    write_run_files(out_dir, metrics, history, rows)
+    test = metrics["test"]
+    print(f"test: class accuracy {test['class_accuracy']:.4f}, BLEU-4 {test['bleu_4']:.4f}, "
+          f"ROUGE-L {test['rouge_l']:.4f}, CIDEr-D {test['cider']:.4f}; results in {out_dir}/")
+    shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
+    os.remove(os.path.join(out_dir, ".lock"))
+    return metrics
+
+
+def run(args):
+    """--benchmark, or one run (--resume: a stopped one, with its own options)."""
+    args.script = "caption"  # saved with the run: predict.py refuses another script's run
+    unused = [name for name in ("predict", "explain", "shots", "calibrate", "attack_eval",
+                                "class_weights") if getattr(args, name)]
+    unused += [name for name, ok in (("adversarial", args.adversarial == "none"),
+                                     ("loss", args.loss == "ce"), ("beams", args.beams >= 1),
+                                     ("max-length", args.max_length >= 2)) if not ok]
+    if unused:
+        raise SystemExit(f"error: --{', --'.join(u.replace('_', '-') for u in unused)}: not for "
+                         f"captioning (or out of range: --beams 1 or more, --max-length 2 or "
+                         f"more); predict.py captions new images")
+    if args.benchmark:
+        result = benchmark(args)
+        print(json.dumps(result))
+        return result
+    if args.resume:  # the run's own options; --epochs, when given, extends or shortens it
+        config = os.path.join(args.resume, "config.json")
+        if not os.path.isfile(config):
+            raise SystemExit(f"error: --resume {args.resume}: no config.json there; pass a run "
+                             f"folder made by caption_tumor.py")
+        with open(config) as f:
+            saved = json.load(f)["args"]
+        epochs = args.epochs if args.epochs is not None else saved["epochs"]
+        args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume,
+                                     "out": args.resume, "epochs": epochs})
+        print(f"resuming {args.resume} with its own options ({epochs} epochs)")
+    args.epochs = EPOCHS if args.epochs is None else args.epochs
+    name = os.path.basename(os.path.normpath(args.weights))
+    return run_one(args, args.out or f"runs/caption-{name}-{args.train}-seed{args.seed}")
+
+
+# ---- benchmark ---------------------------------------------------------------------------------
+
+def benchmark(args, batch_size=4, rounds=2, caption_tokens=20):
+    """ms per image at full size (random BLIP base, 384 px as the checkpoint, 224 as MedBLIP):
+    the vision encoder once (the cache's cost per image and view), a decoder-only step on cached
+    tokens and a full step (both: forward, backward, AdamW), alternating in rounds after one
+    warm-up round so that load from other jobs hits both alike."""
+    result = {}
+    for size in (384, 224):
+        model = build_model(argparse.Namespace(**dict(vars(args), image_size=size, train="full")))
+        pixels = torch.rand(batch_size, 3, size, size)
+        ids = torch.randint(10, 1000, (batch_size, caption_tokens))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            tokens = model.eval().stem(pixels)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)  # a step skips gradless ones
+
+        def step(loss):
+            optimizer.zero_grad(set_to_none=True)
+            loss().backward()
+            optimizer.step()
+
+        timed = {"stem_ms": lambda: torch.no_grad()(model.stem)(pixels),
+                 "cached_decoder_ms": lambda: step(lambda: model.caption_loss(tokens, ids, mask)),
+                 "full_ms": lambda: step(lambda: model(pixels, ids, mask))}
+        times = {key: [] for key in timed}
+        model.train()
+        for _ in range(rounds + 1):  # round 0 warms up the allocator and kernel choice
+            for key, fn in timed.items():
+                started = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - started)
+        ms = {key: round(1000 * float(np.median(t[1:])) / batch_size, 1)
+              for key, t in times.items()}
+        result[f"{size}px"] = dict(ms, full_over_cached=round(ms["full_ms"] /
+                                                              ms["cached_decoder_ms"], 2))
+        del model, optimizer
+    return dict(result, batch_size=batch_size, rounds=rounds, caption_tokens=caption_tokens,
+                threads=torch.get_num_threads(),
+                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = clip_tumor.make_parser(__doc__)
+    a = parser.add_argument
+    a("--weights", default=WEIGHTS, help="BlipForConditionalGeneration: hub id or local folder")
+    a("--image-size", type=int, default=IMAGE_SIZE, help="input size (MedBLIP 224; checkpoint 384)")
+    a("--train", choices=["decoder", "encoder", "full"], default=TRAIN, help="what trains: the "
+      "text decoder (vision encoder frozen, its tokens cached), the vision encoder (decoder "
+      "frozen), or everything (default: MedBLIP's ROCO study found full fine-tuning best)")
+    a("--captions", metavar="CSV", help="path,caption (default DATA/captions.csv; images without "
+                                        "one: their class's template)")
+    a("--beams", type=int, default=BEAMS, help="beam search width, 1 = greedy (MedBLIP: 3)")
+    a("--max-length", type=int, default=MAX_LENGTH, help="most tokens of a generated caption")
+    next(x for x in parser._actions if x.dest == "epochs").help = \
+        f"training epochs (default {EPOCHS}, MedBLIP's); 0: the captioner zero-shot"
+    parser.set_defaults(lr=LEARNING_RATE, views=VIEWS)
+    args = clip_tumor.parse_args(parser, argv, image_size=64, **DEMO, weights=lambda workdir:
+                                 write_tiny_weights(os.path.join(workdir, "blip-caption-tiny")))
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
