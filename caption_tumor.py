@@ -366,12 +366,11 @@ def write_run_files(out_dir, metrics, history, rows):
         figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 
 
-def run_one(args, out_dir):
+def run_one(args, build_model, out_dir):
     """One seed: splits, captions, model, feature cache (--train decoder), training, scores."""
     device = clip_tumor.check_arguments(args)
     clip_tumor.set_seed(args.seed)
-    splits = data.load_splits(args.data, args.seed, 0.0 if args.select_on == "test" else
-                              args.val_fraction, args.split)
+    splits = clip_tumor.load_splits(args)
     model = build_model(args).to(device)
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = torch.load(checkpoint_path, weights_only=True) \
@@ -429,38 +428,6 @@ def run_one(args, out_dir):
     return metrics
 
 
-def run(args):
-    """--benchmark, or one run (--resume: a stopped one, with its own options)."""
-    args.script = "caption"  # saved with the run: predict.py refuses another script's run
-    unused = [name for name in ("predict", "explain", "shots", "calibrate", "attack_eval",
-                                "class_weights") if getattr(args, name)]
-    unused += [name for name, ok in (("adversarial", args.adversarial == "none"),
-                                     ("loss", args.loss == "ce"), ("beams", args.beams >= 1),
-                                     ("max-length", args.max_length >= 2)) if not ok]
-    if unused:
-        raise SystemExit(f"error: --{', --'.join(u.replace('_', '-') for u in unused)}: not for "
-                         f"captioning (or out of range: --beams 1 or more, --max-length 2 or "
-                         f"more); predict.py captions new images")
-    if args.benchmark:
-        result = benchmark(args)
-        print(json.dumps(result))
-        return result
-    if args.resume:  # the run's own options; --epochs, when given, extends or shortens it
-        config = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(config):
-            raise SystemExit(f"error: --resume {args.resume}: no config.json there; pass a run "
-                             f"folder made by caption_tumor.py")
-        with open(config) as f:
-            saved = json.load(f)["args"]
-        epochs = args.epochs if args.epochs is not None else saved["epochs"]
-        args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume,
-                                     "out": args.resume, "epochs": epochs})
-        print(f"resuming {args.resume} with its own options ({epochs} epochs)")
-    args.epochs = EPOCHS if args.epochs is None else args.epochs
-    name = os.path.basename(os.path.normpath(args.weights))
-    return run_one(args, args.out or f"runs/caption-{name}-{args.train}-seed{args.seed}")
-
-
 # ---- benchmark ---------------------------------------------------------------------------------
 
 def benchmark(args, batch_size=4, rounds=2, caption_tokens=20):
@@ -505,7 +472,7 @@ def benchmark(args, batch_size=4, rounds=2, caption_tokens=20):
 
 # ---- command line ------------------------------------------------------------------------------
 
-def main(argv=None):
+def build_parser():
     parser = clip_tumor.make_parser(__doc__)
     a = parser.add_argument
     a("--weights", default=WEIGHTS, help="BlipForConditionalGeneration: hub id or local folder")
@@ -517,12 +484,24 @@ def main(argv=None):
                                         "one: their class's template)")
     a("--beams", type=int, default=BEAMS, help="beam search width, 1 = greedy (MedBLIP: 3)")
     a("--max-length", type=int, default=MAX_LENGTH, help="most tokens of a generated caption")
-    next(x for x in parser._actions if x.dest == "epochs").help = \
-        f"training epochs (default {EPOCHS}, MedBLIP's); 0: the captioner zero-shot"
-    parser.set_defaults(lr=LEARNING_RATE, views=VIEWS)
-    args = clip_tumor.parse_args(parser, argv, image_size=64, **DEMO, weights=lambda workdir:
-                                 write_tiny_weights(os.path.join(workdir, "blip-caption-tiny")))
-    return run(args)
+    parser.set_defaults(lr=LEARNING_RATE, views=VIEWS)  # --epochs: MedBLIP's 15 (run below)
+    return parser
+
+
+def main(argv=None):
+    args = clip_tumor.parse_args(build_parser(), argv, lambda: dict(DEMO, image_size=64,
+        weights=write_tiny_weights(os.path.join(clip_tumor.DEMO_DIR, "blip-caption-tiny"))))
+    unused = [name for name, ok in (("shots", not args.shots), ("calibrate", not args.calibrate),
+              ("attack-eval", not args.attack_eval), ("class-weights", not args.class_weights),
+              ("adversarial", args.adversarial == "none"), ("loss", args.loss == "ce"),
+              ("beams", args.beams >= 1), ("max-length", args.max_length >= 2)) if not ok]
+    if unused:
+        raise SystemExit(f"error: --{', --'.join(unused)}: not for captioning (or out of range: "
+                         f"--beams 1 or more, --max-length 2 or more)")
+    if args.benchmark:
+        print(json.dumps(result := benchmark(args)))
+        return result
+    return clip_tumor.run(args, build_model, "caption", run_one, EPOCHS)
 
 
 if __name__ == "__main__":

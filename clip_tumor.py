@@ -734,9 +734,10 @@ def run_one(args, build_model, out_dir):
     return metrics
 
 
-def run(args, build_model, script):
-    """--benchmark, or one run (--resume: a stopped one, with its own options). Seeds: one run
-    each, then `python stats.py summary RUN...` gives mean +- std (see the README)."""
+def run(args, build_model, script, one_run=None, epochs=EPOCHS):
+    """--benchmark, or one run (--resume: a stopped one, with its own options) by run_one or the
+    script's own one_run (captioning). Seeds: one run each, then `python stats.py summary RUN...`
+    gives mean +- std (see the README)."""
     args.script = script  # saved with the run: predict.py rebuilds the model with this script
     if args.benchmark:
         result = benchmark(build_model(args), pgd_steps=args.pgd_steps)
@@ -753,12 +754,12 @@ def run(args, build_model, script):
         args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume,  # today's
                                      "out": args.resume, "epochs": epochs})  # defaults fill gaps
         print(f"resuming {args.resume} with its own options ({epochs} epochs)")
-    args.epochs = EPOCHS if args.epochs is None else args.epochs
+    args.epochs = epochs if args.epochs is None else args.epochs
     name = os.path.basename(os.path.normpath(getattr(args, "weights", None) or args.model))
-    name = "-".join([script, name.removesuffix(".json")] +
-                    [x for x, default in ((getattr(args, "head", "cosine"), "cosine"),
-                                          (args.loss, "ce")) if x != default])
-    return run_one(args, build_model, args.out or f"runs/{name}-seed{args.seed}")
+    name = "-".join([script, name.removesuffix(".json")] + [x for x, default in (
+        (getattr(args, "head", "cosine"), "cosine"), (args.loss, "ce"),
+        (getattr(args, "train", "full"), "full")) if x != default])
+    return (one_run or run_one)(args, build_model, args.out or f"runs/{name}-seed{args.seed}")
 
 
 # ---- benchmark ---------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Use a trained run: classify new images, draw and score explanation maps.
+"""Use a trained run: classify (or caption) new images, draw and score explanation maps.
 
     python predict.py RUN NEW_SCANS            # RUN/predictions_NEW_SCANS.csv: path[,label],pred,p_<class>
     python predict.py RUN --explain --n 8      # RUN/explain/: overlays, explain.json (pointing game)
 
-Works for the runs of clip_tumor.py, blip_tumor.py and baselines.py: RUN/config.json names the
+Works for the runs of clip_tumor.py, blip_tumor.py, baselines.py and caption_tumor.py (captions,
+the decoder's cross-attention at the class word): RUN/config.json names the
 script that trained it (`args.script`), whose build_model rebuilds the model from the run's own
 options; best.pt's weights are loaded and the run's own path is taken (a cached stem's output is
 rounded to fp16 as the cache stores it), so on the run's test images this gives predictions.csv
@@ -29,7 +30,8 @@ import clip_tumor
 import data
 import stats
 
-SCRIPTS = {"clip": "clip_tumor", "blip": "blip_tumor", "cnn": "baselines"}  # args.script -> module
+SCRIPTS = {"clip": "clip_tumor", "blip": "blip_tumor", "cnn": "baselines",  # args.script ->
+           "caption": "caption_tumor"}                                      # its module
 # Pointing game tolerance: 15 pixels at 224 (Zhang et al. 2018), scaled with the input size: a map
 # made on patches and upsampled can peak about a patch off the lesion. `chance` uses the same grown
 # box, so the tolerance cannot flatter the comparison.
@@ -68,7 +70,7 @@ def load_run(run_dir, device="auto"):
                          f"the weights and class list the run was trained with")
     if options.epochs:
         model.load_state_dict(torch.load(best_path, weights_only=True)["model"], strict=False)
-    return model.to(clip_tumor.pick_device(options)).eval(), options
+    return model.to(clip_tumor.pick_device(options)).eval(), options, script
 
 
 def images_under(folder):
@@ -110,28 +112,37 @@ def run_probabilities(model, options, pixels):
 
 # ---- new images --------------------------------------------------------------------------------
 
-def predict_folder(model, options, folder, out):
-    """CSV path[,label],pred,p_<class>... of every image under folder (label: class folders)."""
-    rows, bad = [], []  # rows: path, label or "", pred, probabilities
+def predict_folder(model, options, script, folder, out):
+    """CSV path[,label],pred,p_<class>... of every image under folder (label: class folders), or
+    path[,label],caption for a captioning run."""
+    rows, bad, captioner = [], [], options.script == "caption"  # rows: path, label or "", ...
     paths = images_under(folder)
     for start in tqdm(range(0, len(paths), options.batch_size), desc="predict", leave=False,
                       disable=not data.PROGRESS):
         images, undecodable = decode_images(paths[start:start + options.batch_size])
         bad += undecodable
         pixels = [data.image_view(image, None, 0, model.image_size) for image in images.values()]
-        probs = run_probabilities(model, options, torch.stack(pixels)) if pixels else []
-        for path, p in zip(images, probs):
+        if captioner and pixels:  # the caption, as the run's own test captions were written
+            rows += [[path, folder_label(path) or "", caption] for path, caption in
+                     zip(images, script.describe(model, torch.stack(pixels), options))]
+        for path, p in zip(images, run_probabilities(model, options, torch.stack(pixels))
+                           if pixels and not captioner else []):
             rows.append([path, folder_label(path) or "", model.class_names[p.argmax()],
                          *(f"{x:.6f}" for x in p.tolist())])
-    rows += [[path, "", "undecodable"] + [""] * model.n_classes for path in bad]
+    rows += [[path, "", "undecodable"] + [""] * (not captioner and model.n_classes)
+             for path in bad]
     labelled = [row for row in rows if row[1]]
-    header = ["path", "label", "pred"] + [f"p_{name}" for name in model.class_names]
+    header = ["path", "label"] + (["caption"] if captioner else
+                                  ["pred"] + [f"p_{name}" for name in model.class_names])
     columns = [c for c in range(len(header)) if c != 1 or labelled]  # label: class folders only
     table = [[os.path.relpath(row[0], folder).replace(os.sep, "/"), *row[1:]] for row in rows]
     stats.atomic_write(out, lambda f: csv.writer(f).writerows(
         [[row[c] for c in columns] for row in [header] + table]), "w")
-    if labelled:
-        accuracy = np.mean([row[1] == row[2] for row in labelled])
+    if labelled:  # a caption is right when it names its image's class and no other
+        accuracy = stats.caption_class_accuracy(
+            [row[2] for row in labelled], [model.class_names.index(row[1]) for row in labelled],
+            [script.CLASS_TERMS[c] for c in model.class_names]) if captioner else \
+            np.mean([row[1] == row[2] for row in labelled])
         print(f"accuracy {accuracy:.4f} on the {len(labelled)} images in class folders")
     print(f"wrote {out}: {len(rows)} images")
     return out
@@ -269,7 +280,12 @@ def read_lesion_boxes(csv_path):
 
 def explain_paths(model, run_dir, n):
     """The run's test images to explain: per class, in turn, the most confident right and the
-    most confident wrong, n in all."""
+    most confident wrong, n in all (a captioning run: per class in turn, in captions.csv order)."""
+    if os.path.isfile(os.path.join(run_dir, "captions.csv")):
+        with open(os.path.join(run_dir, "captions.csv"), newline="") as f:
+            paths = [row["path"] for row in csv.DictReader(f)]
+        by_class = [[p for p in paths if folder_label(p) == c] for c in model.class_names]
+        return [queue[k] for k in range(len(paths)) for queue in by_class if k < len(queue)][:n]
     paths, y_true, y_pred, probs, _ = stats.read_predictions(
         os.path.join(run_dir, "predictions.csv"))
     confident = np.argsort(-probs.max(1), kind="stable")  # most confident first
@@ -295,7 +311,7 @@ def remove_earlier_maps(out_dir):
             os.remove(os.path.join(out_dir, overlay))
 
 
-def explain(model, options, args):
+def explain(model, options, script, args):
     """Heat maps of the predicted class for --n test images (explain_paths) or for the images
     under --images: overlays and explain.json in RUN/explain/ (or --out), with the pointing game
     where lesions are known (lesions.csv beside the images, or --lesions)."""
@@ -312,16 +328,27 @@ def explain(model, options, args):
         raise SystemExit(f"error: {root}: no image to explain could be decoded")
     lesions = args.lesions or os.path.join(root, "lesions.csv")
     boxes = read_lesion_boxes(lesions) if args.lesions or os.path.isfile(lesions) else {}
-    method = args.method or ("rollout" if model.attention_blocks() else "gradcam")
     pixels = torch.stack([data.image_view(image, None, 0, size) for image in images])
-    probs = run_probabilities(model, options, pixels)                    # (N, C)
-    preds = probs.argmax(1).to(model.mean.device)
-    maps = []
-    for k in range(0, len(pixels), options.batch_size):  # Grad-CAM keeps a batch's graph
-        batch = pixels[k:k + options.batch_size].to(model.mean.device)
-        maps.append(torch.from_numpy(grad_cam(model, batch, preds[k:k + len(batch)])
-                    if method == "gradcam" else attention_rollout(model, batch)))
-    maps = F.interpolate(torch.cat(maps)[:, None], size=size, mode="bilinear")[:, 0].numpy()
+    if options.script == "caption":  # the decoder's cross-attention where it names the class
+        method, maps, said = "cross-attention", [], []
+        for k in range(0, len(pixels), options.batch_size):
+            batch_maps, captions = script.cross_attention_maps(
+                model, pixels[k:k + options.batch_size], options)
+            maps, said = maps + [torch.from_numpy(batch_maps)], said + captions
+        preds = [next((c for c in model.class_names if any(f" {t} " in f" {caption} " for t in
+                       script.CLASS_TERMS[c])), "none") for caption in said]
+    else:
+        method = args.method or ("rollout" if model.attention_blocks() else "gradcam")
+        probs = run_probabilities(model, options, pixels)                # (N, C)
+        classes = probs.argmax(1).to(model.mean.device)
+        maps = []
+        for k in range(0, len(pixels), options.batch_size):  # Grad-CAM keeps a batch's graph
+            batch = pixels[k:k + options.batch_size].to(model.mean.device)
+            maps.append(torch.from_numpy(grad_cam(model, batch, classes[k:k + len(batch)])
+                        if method == "gradcam" else attention_rollout(model, batch)))
+        preds = [model.class_names[c] for c in classes]
+        said = [f"p = {p:.3f}" for p in probs.max(1).values.tolist()]
+    maps = F.interpolate(torch.cat(maps)[:, None].float(), size=size, mode="bilinear")[:, 0].numpy()
     remove_earlier_maps(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     records, scored = [], []
@@ -335,12 +362,12 @@ def explain(model, options, args):
         y, x = np.unravel_index(np.argmax(maps[k]), maps[k].shape)
         overlay = f"{k:02d}_{os.path.splitext(os.path.basename(path))[0]}.png"
         records.append({"path": path, "label": folder_label(path), "box": box, "argmax_xy": [x, y],
-                        "pred": model.class_names[preds[k]], "probability": float(probs[k].max()),
-                        "overlay": overlay})
-        title = f"{path}\ntrue {records[-1]['label'] or 'unknown'}, predicted " \
-                f"{records[-1]['pred']} (p = {probs[k].max():.3f})"
+                        "pred": preds[k], "said": said[k], "overlay": overlay})
+        title = f"{path}\ntrue {records[-1]['label'] or 'unknown'}, predicted {preds[k]} " \
+                f"({said[k]})"
         plot_explanation(pixels[k], maps[k], title, os.path.join(out_dir, overlay), box)
-    result = {"run": args.run, "method": method, "explained": "predicted class",
+    result = {"run": args.run, "method": method, "explained": "predicted class" if method !=
+              "cross-attention" else "the step that wrote the class word",
               "image_size": size, "images": records, "undecodable": undecodable}
     if scored:  # tolerance in the model's input pixels
         tolerance = POINTING_TOLERANCE * size
@@ -382,10 +409,10 @@ def main(argv=None):
     written = os.path.join(out, "explain.json") if args.explain else out
     if os.path.exists(written) and not args.overwrite:
         raise SystemExit(f"error: {written}: exists; pass --overwrite to replace it, or --out")
-    model, options = load_run(args.run, args.device)
+    model, options, script = load_run(args.run, args.device)
     if args.explain:
-        return explain(model, options, args)
-    return predict_folder(model, options, args.images_dir, out)
+        return explain(model, options, script, args)
+    return predict_folder(model, options, script, args.images_dir, out)
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def test_attack_eval_equals_torchattacks_on_the_runs_model(tiny_clip_config, sma
                                        "--views", "1", "--batch-size", "4", "--attack-eval",
                                        "--eps", "0.005", "--pgd-eps", "0.01", "--pgd-step-size",
                                        "0.004", "--pgd-steps", "3", "--out", str(out)))
-    model, _ = predict.load_run(str(out), "cpu")
+    model, _, _ = predict.load_run(str(out), "cpu")
     paths = sorted(glob.glob(os.path.join(small_dir, "Testing", "*", "*.jpg")))
     images = torch.stack([data.image_view(data.load_rgb(path), None, 0, 64) for path in paths])
     labels = torch.tensor([data.CLASSES.index(path.split(os.sep)[-2]) for path in paths])

@@ -264,3 +264,24 @@ def test_a_killed_run_resumes_to_the_same_result(small_dir, tiny_weights, tmp_pa
         assert resumed[split] == pytest.approx(whole[split], abs=1e-6)
     assert (tmp_path / "killed" / "captions.csv").read_text() == \
         (tmp_path / "whole" / "captions.csv").read_text()
+
+
+def test_predict_captions_new_images_and_explains_them(decoder_run):
+    """predict.py on a captioning run: the run's own test captions again (the same cached path),
+    and the cross-attention maps scored by the pointing game on the synthetic lesions."""
+    import predict
+    run, _, _ = decoder_run
+    options = json.loads((run / "config.json").read_text())["args"]
+    out = predict.main([str(run), os.path.join(options["data"], "Testing"), "--out",
+                        str(run.parent / "new.csv")])
+    with open(out) as f:
+        ours = {"Testing/" + row["path"]: row for row in csv.DictReader(f)}
+    with open(run / "captions.csv") as f:
+        theirs = {row["path"]: row["generated"] for row in csv.DictReader(f)}
+    assert {path: row["caption"] for path, row in ours.items()} == theirs
+    assert all(row["label"] == path.split("/")[1] for path, row in ours.items())
+    result = predict.main([str(run), "--explain", "--n", "12", "--out", str(run.parent / "maps")])
+    assert result["method"] == "cross-attention" and len(result["images"]) == 12
+    from test_explain import assert_pointing_game_recomputed
+    assert_pointing_game_recomputed(result, options["data"])  # hits and chance, recomputed
+    assert len(list((run.parent / "maps").glob("*.png"))) == 12
