@@ -67,7 +67,7 @@ DEMO = {"epochs": 40, "lr": 2e-3, "views": VIEWS, "beams": 1, "max_length": 16} 
 
 # ---- model -------------------------------------------------------------------------------------
 
-class Captioner(nn.Module):
+class Captioner(clip_tumor.FrozenStem):
     """BlipForConditionalGeneration with the part --train names trainable. --train decoder: the
     vision encoder is frozen and is the feature cache's stem; its tokens are read from disk."""
 
@@ -97,12 +97,6 @@ class Captioner(nn.Module):
         self.cache_key = {"model": name, "weights": weights, "image_size": image_size,
                           "mean": list(mean), "std": list(std), "vision": vision.config.to_dict(),
                           "frozen_digest": tensor_digest(vision.parameters())}
-
-    def train(self, mode=True):
-        super().train(mode)
-        for part in self.frozen_parts:  # frozen parts stay in eval mode: full path = cached one
-            part.eval()
-        return self
 
     def stem(self, pixels):
         """(B, 3, S, S) in [0, 1] -> (B, 1 + H*W, D) vision tokens, CLS first: all the decoder

@@ -29,6 +29,8 @@ import data
 import predict
 from test_clip import run_args, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
+
 
 def small_cnn():
     torch.manual_seed(0)

@@ -30,6 +30,8 @@ import clip_tumor
 import data
 from conftest import assert_cached_path_equals_full_forward, kill_after_first_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
+
 
 def tiny_model(config, head="cosine", seed=0, trainable_blocks=2):
     return clip_tumor.build_model(argparse.Namespace(

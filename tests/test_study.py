@@ -22,6 +22,8 @@ import clip_tumor
 import data
 from conftest import assert_cached_path_equals_full_forward
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
+
 # BiomedCLIP's open_clip config with a tiny timm ViT (timm's 6-block, 64-wide `test_vit`) and a
 # tiny open_clip text tower (BiomedCLIP's PubMedBERT would need a download).
 TINY_TIMM_CONFIG = {"embed_dim": 64,

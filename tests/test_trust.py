@@ -24,6 +24,8 @@ import torch
 import clip_tumor
 import data
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
+
 
 def run(small_dir, config, tmp_path, *extra):
     return clip_tumor.main(["--data", small_dir, "--model", config, "--pretrained", "none",
