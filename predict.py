@@ -313,6 +313,14 @@ def explain(model, options, args):
         raise SystemExit(f"error: {root}: no image to explain could be decoded")
     lesions = args.lesions or os.path.join(root, "lesions.csv")
     boxes = read_lesion_boxes(lesions) if args.lesions or os.path.isfile(lesions) else {}
+    sizes = {path: image.size for path, image in zip(paths, images)}  # (width, height)
+    for line, (path, box) in enumerate(boxes.items(), start=2):  # a row each, in file order
+        if path in sizes and (box[2] > sizes[path][0] or box[3] > sizes[path][1]):
+            raise SystemExit(f"error: {lesions}:{line}: box {box} lies outside {path} "
+                             f"({sizes[path][0]} x {sizes[path][1]}); fix the row")
+    if boxes:  # rows for other images are expected (--n of the test images), none is suspect
+        print(f"lesions: {sum(path in boxes for path in paths)} of the {len(paths)} images have "
+              f"a box in {lesions} (paths relative to {root})")
     method = args.method or ("rollout" if model.attention_blocks() else "gradcam")
     pixels = torch.stack([data.image_view(image, None, 0, size) for image in images])
     probs = run_probabilities(model, options, pixels)                    # (N, C)
@@ -379,9 +387,8 @@ def main(argv=None):
         raise SystemExit(f"error: --n {args.n}: 1 or more")
     out = args.out or (os.path.join(args.run, "explain") if args.explain else os.path.join(
         args.run, "predictions_" + os.path.basename(os.path.normpath(args.images_dir)) + ".csv"))
-    written = os.path.join(out, "explain.json") if args.explain else out
-    if os.path.exists(written) and not args.overwrite:
-        raise SystemExit(f"error: {written}: exists; pass --overwrite to replace it, or --out")
+    stats.check_new_output(os.path.join(out, "explain.json") if args.explain else out,
+                           args.overwrite)
     model, options = load_run(args.run, args.device)
     if args.explain:
         return explain(model, options, args)
