@@ -14,6 +14,7 @@ full network (4.7x); the stem 263 ms per image and view, once; an FGSM view 785 
 """
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -356,8 +357,25 @@ def attacked_accuracy(model, test_inputs, args):
 # ---- training ----------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
-    stats.atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save with the bytes' SHA-1 first, as a cache entry (stats.write_checked): written to
+    a temporary file, then renamed, so a killed run never leaves half a file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    stats.write_checked(path, buffer.getvalue())
+
+
+def load_checkpoint(path, model=None):
+    """The dict atomic_save wrote to path (a damaged one stops, named); with model, its weights
+    loaded: exactly the model's trainable ones (strict=False alone skips others), finite."""
+    checkpoint = torch.load(io.BytesIO(stats.read_checked(path, True)), weights_only=True)
+    weights = checkpoint["model"]
+    if not all(torch.isfinite(w).all() for w in weights.values()) or model is not None and set(
+            weights) != set(trainable_state(model)):
+        raise SystemExit(f"error: {path}: weights that are not finite (training diverged) or not "
+                         f"this {type(model).__name__}'s; train the run again (--overwrite)")
+    if model is not None:
+        model.load_state_dict(weights, strict=False)
+    return checkpoint
 
 
 def focal_loss(logits, targets, weight=None, gamma=FOCAL_GAMMA):
@@ -421,8 +439,7 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
                         .n_classes).to(device) if args.class_weights else None)
     state = {"epoch": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
              "history": []}
-    if checkpoint is not None:  # --resume: everything the next epoch depends on
-        model.load_state_dict(checkpoint["model"], strict=False)
+    if checkpoint is not None:  # --resume: all the next epoch depends on (weights: run_one)
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = {k: checkpoint[k] for k in state}
 
@@ -465,8 +482,9 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
                         "train_accuracy": correct / seen, "select_loss": select_loss,
                         "select_accuracy": select_accuracy, "lr": optimizer.param_groups[0]["lr"],
                         "seconds": time.time() - started})
-        # best epoch: highest selection accuracy; a tie (common on small sets) goes to lower loss
-        if (select_accuracy, -select_loss) > (state["best_accuracy"], -state["best_loss"]):
+        # best epoch: highest selection accuracy, a tie (common on small sets) to lower loss; finite
+        if math.isfinite(select_loss) and (select_accuracy, -select_loss) > (
+                state["best_accuracy"], -state["best_loss"]):
             state.update(best_accuracy=select_accuracy, best_loss=select_loss,
                          best_epoch=epoch + 1)
             atomic_save({"model": trainable_state(model), "epoch": epoch + 1,
@@ -477,17 +495,21 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {total_loss / seen:.4f} "
               f"acc {correct / seen:.4f} | {args.select_on} loss {select_loss:.4f} "
               f"acc {select_accuracy:.4f} | {history[-1]['seconds']:.1f}s", flush=True)
+    if not state["best_epoch"]:
+        raise SystemExit(f"error: no epoch had a finite {args.select_on} loss: training diverged; "
+                         f"try a lower --lr than {args.lr}")
     return history, state["best_epoch"]
 
 
 # ---- the run: data -> cache -> train -> evaluate -> run folder ---------------------------------
 
-def check_arguments(args):
+def check_arguments(args, epochs_done=0):
     """The device, or one error naming every option out of range, its value and what is allowed."""
     problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
         ("views", args.views, args.views >= 1, "at least 1 (view 0 is the plain image)"),
         ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
-        ("epochs", args.epochs, args.epochs >= 0, "0 (zero-shot) or more"),
+        ("epochs", args.epochs, args.epochs >= epochs_done, f"the run has done {epochs_done}: "
+         f"{epochs_done} or more" if epochs_done else "0 (zero-shot) or more"),
         ("lr", args.lr, args.lr > 0, "positive"),
         ("val-fraction", args.val_fraction, args.val_fraction is None or 0 < args.val_fraction < 1,
          "between 0 and 1"),
@@ -538,14 +560,11 @@ def load_splits(args):
     return splits
 
 
-def cache_inputs(args, build_model, model, splits, device):
+def cache_inputs(args, build_model, model, splits, hashes, cache, device):
     """(each split's Inputs, the training views, undecodable paths, seconds): the stem's output
     of every image and view stored in the feature cache (--no-cache: every image is decoded once,
-    to stop early on a bad one), the content hashes read once for the cache and the leak check."""
+    to stop early on a bad one); hashes: {path: content SHA-1}, for the cache and the leak check."""
     started = time.time()
-    everything = splits.train + splits.val + splits.test
-    hashes = {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in everything}
-    cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
     view_ids, make_view = list(range(args.views)), data.image_view
     if args.adversarial != "none" and cache and args.epochs:  # one cached adversarial view each
         make_view, view_id = adversarial_view_maker(args, build_model, device,
@@ -561,19 +580,22 @@ def cache_inputs(args, build_model, model, splits, device):
     return inputs, view_ids, bad, time.time() - started
 
 
-def write_config(args, model, splits, inputs, bad, out_dir):
-    """config.json: every option, the stem's identity, the split and what was left out."""
+def write_config(args, model, splits, split, bad, out_dir):
+    """config.json: every option, the stem's identity, the split ({part: {path: SHA-1}}: a resume
+    checks it), per-class counts and what was left out."""
     adversarial = "none" if args.adversarial == "none" else f"{args.adversarial}, " + (
         "exact: each batch attacked by the current model and trained 1:1 with the clean one"
         if args.no_cache else "static: one cached view per training image, made once by the "
         "starting model (the paper's exact way: --no-cache)")
-    counts = {name: np.bincount(part.labels.numpy(), minlength=model.n_classes).tolist()
-              for name, part in inputs.items()}
-    stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
-                      "split_source": splits.source, "classes": list(model.class_names),
-                      "non_images_ignored": splits.non_images, "undecodable_skipped": bad,
-                      "adversarial_training": adversarial},
-                     os.path.join(out_dir, "config.json"))
+    counts = {name: np.bincount([s.label for s in getattr(splits, name) if s.path not in bad],
+                                minlength=model.n_classes).tolist() for name in split}
+    paths = {name: os.path.abspath(getattr(args, name))  # absolute: a resume works from anywhere
+             for name in ("data", "split", "cache_dir") if getattr(args, name)}
+    stats.write_json({"args": {**vars(args), **paths}, "model_key": model.cache_key,
+                      "counts": counts, "split_source": splits.source,
+                      "classes": list(model.class_names), "non_images_ignored": splits.non_images,
+                      "undecodable_skipped": bad, "adversarial_training": adversarial,
+                      "split": split}, os.path.join(out_dir, "config.json"))
 
 
 def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, notes):
@@ -594,38 +616,46 @@ def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, 
                      args.calibrate, notes)
 
 
-def run_one(args, build_model, out_dir):
-    """One seed: splits, model, feature cache, training, evaluation, the run folder."""
-    device = check_arguments(args)
+def run_one(args, build_model, out_dir, recorded=None):
+    """One seed: splits, model, feature cache, training, evaluation, the run folder (recorded:
+    the split a resumed run started with)."""
+    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+    checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.isfile(
+        checkpoint_path) else None
+    device = check_arguments(args, checkpoint["epoch"] if checkpoint else 0)
     set_seed(args.seed)
     splits = load_splits(args)
+    split = {name: {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in getattr(
+        splits, name)} for name in ("train", "val", "test")}  # content SHA-1s, read once
+    hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
+    if args.resume:
+        stats.check_same_split(recorded, split, out_dir)
     model = build_model(args).to(device)
-    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
-    checkpoint = torch.load(checkpoint_path, weights_only=True) \
-        if args.resume and os.path.isfile(checkpoint_path) else None
-    stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
-    inputs, view_ids, bad, cache_seconds = cache_inputs(args, build_model, model, splits, device)
-    write_config(args, model, splits, inputs, bad, out_dir)
-
-    history, best_epoch = [], 0
-    if args.epochs > 0:
-        select = inputs["test" if args.select_on == "test" else "val"]
-        history, best_epoch = train(model, inputs["train"], select, args, out_dir, checkpoint,
-                                    view_ids)
-        model.load_state_dict(torch.load(f"{out_dir}/best.pt", weights_only=True)["model"],
-                              strict=False)
+    if checkpoint:
+        load_checkpoint(checkpoint_path, model)
+    cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
     selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
                  "test set chose the epoch)") if args.select_on == "test" else "validation split"
-    metrics = {"model": model.cache_key["model"], "seed": args.seed, "selection": selection,
-               "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
-               "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
-               if history else None, "cache_build_seconds": cache_seconds,
-               "cached": not args.no_cache, "undecodable_skipped": len(bad), "val": None}
-    notes = f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}" if bad \
-        else ""
-    evaluate_and_report(args, model, inputs, splits.source, metrics, history, out_dir, notes)
-    shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
-    os.remove(os.path.join(out_dir, ".lock"))
+    with stats.run_folder(out_dir, args.overwrite, args.resume):  # after every input check
+        write_config(args, model, splits, split, [], out_dir)  # a resume needs it from now on
+        inputs, view_ids, bad, cache_seconds = cache_inputs(args, build_model, model, splits,
+                                                            hashes, cache, device)
+        if bad:
+            write_config(args, model, splits, split, bad, out_dir)
+        history, best_epoch = [], 0
+        if args.epochs > 0:
+            select = inputs["test" if args.select_on == "test" else "val"]
+            history, best_epoch = train(model, inputs["train"], select, args, out_dir,
+                                        checkpoint, view_ids)
+            load_checkpoint(f"{out_dir}/best.pt", model)
+        metrics = {"model": model.cache_key["model"], "seed": args.seed, "selection": selection,
+                   "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
+                   "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
+                   if history else None, "cache_build_seconds": cache_seconds,
+                   "cached": not args.no_cache, "undecodable_skipped": len(bad), "val": None}
+        notes = f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}" if bad \
+            else ""
+        evaluate_and_report(args, model, inputs, splits.source, metrics, history, out_dir, notes)
     return metrics
 
 
@@ -637,23 +667,16 @@ def run(args, build_model, script):
         result = benchmark(build_model(args), pgd_steps=args.pgd_steps)
         print(json.dumps(result))
         return result
-    if args.resume:  # the run's own options; --epochs, when given, extends or shortens it
-        config = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(config):
-            raise SystemExit(f"error: --resume {args.resume}: no config.json there; pass a run "
-                             f"folder made by this script")
-        with open(config) as f:
-            saved = json.load(f)["args"]
-        epochs = args.epochs if args.epochs is not None else saved["epochs"]
-        args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume,  # today's
-                                     "out": args.resume, "epochs": epochs})  # defaults fill gaps
-        print(f"resuming {args.resume} with its own options ({epochs} epochs)")
+    args, recorded = stats.resume_options(args) if args.resume else (args, None)
     args.epochs = EPOCHS if args.epochs is None else args.epochs
     name = os.path.basename(os.path.normpath(getattr(args, "weights", None) or args.model))
     name = "-".join([script, name.removesuffix(".json")] +
                     [x for x, default in ((getattr(args, "head", "cosine"), "cosine"),
                                           (args.loss, "ce")) if x != default])
-    return run_one(args, build_model, args.out or f"runs/{name}-seed{args.seed}")
+    out_dir = args.out or f"runs/{name}-seed{args.seed}"
+    if args.demo and not args.resume:  # the demo replaces its own earlier demo run only
+        args.overwrite = args.overwrite or stats.run_config(out_dir)["args"].get("demo") is True
+    return run_one(args, build_model, out_dir, recorded)
 
 
 # ---- benchmark ---------------------------------------------------------------------------------
@@ -746,8 +769,10 @@ def make_parser(description):
     a("--attack-n", type=int, help="attack a stratified subset of about N test images")
     a("--skip-bad", action="store_true", help="skip images that cannot be decoded (counted)")
     a("--out", help="run folder (default runs/<script>-<model>-seed<seed>)")
-    a("--overwrite", action="store_true", help="replace the run in --out (other files stay)")
-    a("--resume", metavar="RUN_DIR", help="continue a stopped run with its own options")
+    a("--overwrite", action="store_true", help="replace the run in --out (kept in replaced/ "
+      "until the new one completes; other files stay)")
+    a("--resume", metavar="RUN_DIR", help="continue a stopped run in its own folder (not --out) "
+      "with its own options; --data, --cache-dir, --device and a longer --epochs may be given")
     a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     a("--benchmark", action="store_true", help="time the steps at full size, random weights")
     a("--demo", action="store_true", help="offline demo: synthetic data, tiny random model")
@@ -764,7 +789,7 @@ def demo_defaults(args):
     if not os.path.isdir(demo_data):
         data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
     defaults = dict(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
-                    views=2, lr=1e-3, overwrite=True)
+                    views=2, lr=1e-3)  # it replaces only its own earlier run (run())
     if args.trainable_blocks == 0:  # a probe, as CLIP's: plain view, trained to convergence
         defaults.update(views=1, lr=1e-2, epochs=300, warmup_epochs=0)  # 0.07 s an epoch
     return defaults
@@ -779,6 +804,9 @@ def parse_args(parser, argv=None, model_demo_defaults=dict):
         parser.set_defaults(**{**demo_defaults(args), **model_demo_defaults()})
         args = parser.parse_args(argv)
         torch.set_num_threads(1)  # a tiny model gains nothing from a second thread
+    unset = object()  # then the options argv names (for --resume): those not left unset
+    parser.set_defaults(**dict.fromkeys(vars(args), unset))
+    args.given = sorted(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
     return args
 
 

@@ -271,8 +271,8 @@ class FeatureCache:
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.dir = os.path.join(root, digest[:16])
-        os.makedirs(self.dir, exist_ok=True)
-        stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
+        if not os.path.isfile(os.path.join(self.dir, "key.json")):  # a full cache: read-only is ok
+            stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
 
     def path(self, content_hash, view):
         return os.path.join(self.dir, content_hash[:2], f"{content_hash}_v{view}.bin")

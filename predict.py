@@ -45,14 +45,13 @@ def load_run(run_dir, device="auto"):
     defaults filling keys an older run lacks; the script's module). A zero-shot run (--epochs 0)
     has no best.pt and needs none."""
     config_path, best_path = (os.path.join(run_dir, name) for name in ("config.json", "best.pt"))
+    config = stats.run_config(run_dir)
     try:
-        with open(config_path) as f:
-            config = json.load(f)
         script = importlib.import_module(SCRIPTS[config["args"]["script"]])
         defaults = vars(script.build_parser().parse_args([]))
         options = argparse.Namespace(**{**defaults, **config["args"], "benchmark": False,
-                                        "device": device})
-    except (OSError, ValueError, KeyError, TypeError) as error:
+                                        "device": device, "out": run_dir})
+    except (KeyError, TypeError) as error:
         raise SystemExit(f"error: {config_path}: cannot read the run's options ({error!r}); pass "
                          f"a run folder made by a training script")
     if options.epochs and not os.path.isfile(best_path):
@@ -67,8 +66,8 @@ def load_run(run_dir, device="auto"):
                          f"{config['model_key']['model']}; the model rebuilt from its options "
                          f"has classes {list(model.class_names)} and differs in {changed}: use "
                          f"the weights and class list the run was trained with")
-    if options.epochs:
-        model.load_state_dict(torch.load(best_path, weights_only=True)["model"], strict=False)
+    if options.epochs:  # checked: its SHA-1, exactly the trainable weights, finite
+        clip_tumor.load_checkpoint(best_path, model)
     return model.to(clip_tumor.pick_device(options)).eval(), options
 
 
@@ -106,6 +105,9 @@ def run_probabilities(model, options, pixels):
     read the stem's output from the cache, stored in fp16, so it is rounded the same way here."""
     pixels = pixels.to(model.mean.device)
     logits = model(pixels) if options.no_cache else model.top(model.stem(pixels).half().float())
+    if not torch.isfinite(logits).all():  # never served: NaN probabilities
+        raise SystemExit(f"error: {options.out}: its model gives outputs that are not finite "
+                         f"(diverged); train it again with a lower --lr")
     return logits.float().softmax(-1).cpu()
 
 

@@ -7,11 +7,14 @@ Checked against scikit-learn or worked examples in tests/test_stats.py. y_true, 
 indices (N,); probs: (N, C); a confusion matrix has rows = true, columns = predicted class.
 """
 import argparse
+import contextlib
 import csv
 import errno
+import fnmatch
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 from scipy import optimize, special, stats as scipy_stats
@@ -336,14 +339,19 @@ def write_json(obj, path):
     return path
 
 
-# What a run writes: --overwrite may replace these, and nothing else in the run folder.
+# What a run writes, and predict.py and compare beside it: --overwrite moves these (names or
+# fnmatch patterns), and nothing else in the run folder, to replaced/
 RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "checkpoint.pt",
-             "best.pt", "confusion_matrix.png", "curves.png", "reliability.png")
+             "best.pt", "confusion_matrix.png", "curves.png", "reliability.png",
+             "predictions_*.csv", "compare_*.json", "explain")
 
 
-def claim_run_folder(out_dir, overwrite, resume):
-    """Refuse out_dir while another live run holds out_dir/.lock (its pid), or when it holds
-    RUN_FILES without --overwrite or --resume; --overwrite moves them to out_dir/replaced/."""
+@contextlib.contextmanager
+def run_folder(out_dir, overwrite, resume):
+    """with run_folder(...): the run. Refuse out_dir while another live run holds out_dir/.lock
+    (its pid), or when it holds RUN_FILES without --overwrite or --resume; --overwrite moves them
+    to out_dir/replaced/, deleted once the run completes. Whatever the end, the lock goes; Ctrl-C
+    says how to continue."""
     lock, replaced = os.path.join(out_dir, ".lock"), os.path.join(out_dir, "replaced")
     try:
         with open(lock) as file:
@@ -354,10 +362,11 @@ def claim_run_folder(out_dir, overwrite, resume):
                              f"wait for it or choose another --out")
     except (FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
         pass
+    is_ours = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in RUN_FILES)
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:  # a killed run's temps
-        if name.split(".tmp")[0] in RUN_FILES and ".tmp" in name:
+        if ".tmp" in name and is_ours(name.split(".tmp")[0]):
             os.remove(os.path.join(out_dir, name))
-    ours = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    ours = sorted(filter(is_ours, os.listdir(out_dir) if os.path.isdir(out_dir) else []))
     if ours and not (overwrite or resume):
         raise SystemExit(f"error: {out_dir}: run folder exists; pass --resume {out_dir} to "
                          f"continue it, --overwrite to replace it, or --out for a new folder")
@@ -369,10 +378,78 @@ def claim_run_folder(out_dir, overwrite, resume):
         raise SystemExit(f"error: --out {out_dir}: cannot write there ({error.strerror})")
     kept = os.listdir(replaced)  # not empty: a failed run left the last good one there
     for name in ours if not resume else []:
-        if kept:
-            os.remove(os.path.join(out_dir, name))
+        path = os.path.join(out_dir, name)
+        if kept:  # the failed run's own files
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         else:
-            os.replace(os.path.join(out_dir, name), os.path.join(replaced, name))
+            os.replace(path, os.path.join(replaced, name))
+    if ours and not resume:
+        print(f"note: the earlier run is kept in {replaced}/ until this one completes")
+    completed = False
+    try:
+        yield
+        completed = True
+    except KeyboardInterrupt:
+        raise SystemExit(f"error: stopped (Ctrl-C); continue from its last finished epoch with "
+                         f"--resume {out_dir}") from None
+    finally:
+        if completed or not os.listdir(replaced):
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            print(f"note: the run did not complete; the earlier run it replaces is kept in "
+                  f"{replaced}/ (move its files back to restore it)")
+        os.remove(lock)
+
+
+def run_config(run_dir):
+    """run_dir/config.json, the run's options and split; {"args": {}} when there is none."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except FileNotFoundError:
+        return {"args": {}}
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {path}: cannot read the run's options ({error}); pass a run "
+                         f"folder made by a training script") from None
+
+
+def resume_options(args, changeable=("data", "cache_dir", "device", "epochs")):
+    """--resume RUN: (the run's own options, with those in changeable that argv gave: a moved
+    dataset (check_same_split checks its images) or cache, the machine, more epochs; the split
+    the run recorded). Other options given are named as ignored; another --out is refused."""
+    if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise SystemExit(f"error: --out {args.out}: a resumed run continues in its own folder, "
+                         f"{args.resume}; copy that folder to {args.out} first to continue there")
+    saved = run_config(args.resume)
+    if not saved["args"]:
+        raise SystemExit(f"error: --resume {args.resume}: no config.json there; pass a run "
+                         f"folder made by a training script")
+    given = {name: getattr(args, name) for name in args.given if name not in ("resume", "out")}
+    ignored = [f"--{name.replace('_', '-')} {value}" for name, value in given.items()
+               if name not in changeable and saved["args"].get(name) != value]
+    if ignored:
+        print(f"note: ignored with --resume (the run keeps its own options): {', '.join(ignored)}")
+    args = argparse.Namespace(**{**vars(args), **saved["args"], **{  # today's defaults fill gaps
+        name: value for name, value in given.items() if name in changeable},
+        "resume": args.resume, "out": args.resume, "given": args.given})
+    print(f"resuming {args.resume} with its own options ({args.epochs} epochs)")
+    return args, saved.get("split")
+
+
+def check_same_split(recorded, split, run_dir):
+    """--resume: refuse images that differ from those the run started with (recorded: its
+    config.json's split, {part: {path: SHA-1}}; a run older than this record has none)."""
+    old, new = ({(part, path): sha1 for part, files in record.items() for path, sha1 in
+                 files.items()} for record in (recorded or split, split))
+    changes = {"added": new.keys() - old.keys(), "removed": old.keys() - new.keys(),
+               "changed": {key for key in old.keys() & new.keys() if old[key] != new[key]}}
+    if any(changes.values()):
+        counts = ", ".join(f"{len(keys)} {change}" for change, keys in changes.items())
+        examples = ", ".join("/".join(key) for key in sorted(set().union(*changes.values()))[:3])
+        raise SystemExit(f"error: --resume {run_dir}: the dataset changed since the run started "
+                         f"({counts}: {examples}); pass the run's own images with --data, or "
+                         f"start a new run")
 
 
 def _new_figure(width=5.0, height=4.5, columns=1):
