@@ -20,9 +20,11 @@ import math
 import os
 import resource
 import shutil
+import socket
 import tempfile
 import time
 
+import huggingface_hub
 import numpy as np
 import torch
 import torch.nn as nn
@@ -250,6 +252,15 @@ def load_clip(model_name, pretrained):
                          f"(a downloaded hub model), or a .json config")
     local_file = os.path.isfile(pretrained)
     weights = None if pretrained == "none" or from_hub else pretrained
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if weights and not local_file and weights not in tags:
+        raise SystemExit(f"error: --pretrained {pretrained}: no such file, nor a tag of "
+                         f"{model_name} ({', '.join(tags) or 'none'}); pass a file, a tag or none")
+    try:  # offline, the hub's client retries for ~50 s: if its host does not answer in 3 s, it
+        if weights and not local_file or model_name.startswith("hf-hub:"):  # uses its cache only
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # cached weights load, others fail at once
     # OpenAI's weights were trained with QuickGELU; a tag says so itself, a local file cannot
     tag = weights if weights and not local_file else "openai"
     openai_gelu = open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu")
@@ -268,10 +279,10 @@ def load_clip(model_name, pretrained):
                          f"({problem})" if local_file else
                          f"error: cannot obtain the weights '{pretrained}' of {model_name} "
                          f"({problem}). Offline? Run once online (cached in ~/.cache/huggingface)"
-                         f", or pass the downloaded file: --model {model_name}-quickgelu "
-                         f"--pretrained /path/to/open_clip_pytorch_model.bin (OpenAI weights use "
-                         f"QuickGELU); a hub model: `hf download ORG/NAME --local-dir D`, then "
-                         f"--model local-dir:D; random weights: --pretrained none.")
+                         f", or pass the downloaded file: --model {model_name}"
+                         f"{'-quickgelu' if openai_gelu else ''} --pretrained /path/to/open_clip_"
+                         f"pytorch_model.bin; a hub model: `hf download ORG/NAME --local-dir D`, "
+                         f"then --model local-dir:D; random weights: --pretrained none.")
     if local_file or from_hub:
         weights = f"file:{tensor_digest(model.visual.parameters())[:16]}"
     return model, tokenizer, weights or "none"
@@ -507,7 +518,8 @@ def check_arguments(args, epochs_done=0):
     """The device, or one error naming every option out of range, its value and what is allowed."""
     problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
         ("views", args.views, args.views >= 1, "at least 1 (view 0 is the plain image)"),
-        ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
+        ("batch-size", args.batch_size, args.batch_size >= 2 or getattr(args, "head", "mlp") !=
+         "mlp", "at least 2 for BatchNorm (--head mlp, a CNN)"),
         ("epochs", args.epochs, args.epochs >= epochs_done, f"the run has done {epochs_done}: "
          f"{epochs_done} or more" if epochs_done else "0 (zero-shot) or more"),
         ("lr", args.lr, args.lr > 0, "positive"),
@@ -520,8 +532,8 @@ def check_arguments(args, epochs_done=0):
         ("shots", args.shots, args.shots is None or args.shots >= 1, "1 or more"),
         ("attack-n", args.attack_n, args.attack_n is None or args.attack_n >= 1, "1 or more"),
         ("pgd-steps", args.pgd_steps, args.pgd_steps >= 1, "1 or more"),
-        ("eps", args.eps, args.eps > 0, "positive, in [0, 1] pixel units (paper: 0.01)"),
-        ("pgd-eps", args.pgd_eps, args.pgd_eps > 0, "positive, in [0, 1] pixel units"),
+        ("eps", args.eps, 0 < args.eps <= 1, "in (0, 1], pixel units (paper: 0.01)"),
+        ("pgd-eps", args.pgd_eps, 0 < args.pgd_eps <= 1, "in (0, 1], pixel units"),
         ("pgd-step-size", args.pgd_step_size, args.pgd_step_size > 0, "positive"),
         ("calibrate", "", not args.calibrate or args.select_on == "val",
          "needs the validation split (not --select-on test)"),

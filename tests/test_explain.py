@@ -57,7 +57,8 @@ def tiny_blip(weights):
 def small_cnn(size=128):
     return baselines.build_model(argparse.Namespace(
         model="resnet18", pretrained="none", image_size=size, seed=0, train_from=None,
-        benchmark=False, no_cache=False, trainable_blocks=clip_tumor.TRAINABLE_BLOCKS)).eval()
+        benchmark=False, no_cache=False, trainable_blocks=clip_tumor.TRAINABLE_BLOCKS,
+        epochs=1)).eval()
 
 
 def normalised(maps):

@@ -13,7 +13,8 @@
   old run in replaced/ and says so; Ctrl-C names the --resume command and releases the lock;
   --resume refuses another --out, fewer epochs and changed images, names ignored options, takes a
   moved --data; a NaN validation loss is never selected; damaged checkpoints stop, named; an
-  unwritable cache stops before the claim, a full one is only read.
+  unwritable cache stops before the claim, a full one is only read; --eps, --batch-size 1,
+  a missing --pretrained file and offline weights give one-line errors at once.
 """
 import argparse
 import csv
@@ -355,3 +356,29 @@ def test_an_unwritable_cache_stops_before_the_claim_and_a_full_one_is_only_read(
 
     monkeypatch.setattr(data.stats, "atomic_write", read_only_cache)
     run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(tmp_path / "c"))
+
+
+def test_eps_batch_size_and_weights_are_checked_early(small_dir, tiny_clip_config, tmp_path,
+                                                      monkeypatch, one_thread):
+    """--eps 2.0 was accepted; --batch-size 1 was refused for heads without BatchNorm; a missing
+    --pretrained FILE said "Offline?"; offline, the hub was retried for 51 s."""
+    import huggingface_hub
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--batch-size", "1", "--out",
+        str(tmp_path / "b"))
+    for extra, message in ((["--eps", "2.0"], r"--eps 2.0: in \(0, 1\]"),
+                           (["--head", "mlp", "--batch-size", "1"], "at least 2 for BatchNorm")):
+        with pytest.raises(SystemExit, match=message):
+            run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", *extra)
+    with pytest.raises(SystemExit, match="weights.bin: no such file, nor a tag of clip-tiny"):
+        clip_tumor.load_clip(tiny_clip_config, str(tmp_path / "weights.bin"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def offline(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(clip_tumor.socket, "create_connection", offline)
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: open_clip.factory.
+                        download_pretrained_from_hf("timm/vit_base_patch16_clip_224.openai"))
+    with pytest.raises(SystemExit, match="cannot obtain the weights 'openai' of ViT-B-16"):
+        clip_tumor.load_clip("ViT-B-16", "openai")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
