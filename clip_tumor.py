@@ -380,10 +380,12 @@ def load_checkpoint(path, model=None):
     loaded: exactly the model's trainable ones (strict=False alone skips others), finite."""
     checkpoint = torch.load(io.BytesIO(stats.read_checked(path, True)), weights_only=True)
     weights = checkpoint["model"]
-    if not all(torch.isfinite(w).all() for w in weights.values()) or model is not None and set(
-            weights) != set(trainable_state(model)):
-        raise SystemExit(f"error: {path}: weights that are not finite (training diverged) or not "
-                         f"this {type(model).__name__}'s; train the run again (--overwrite)")
+    problem = "" if model is None or set(weights) == set(trainable_state(model)) else \
+        f"not the trainable weights of this {type(model).__name__}"
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        problem = "weights that are not finite (training diverged)"
+    if problem:
+        raise SystemExit(f"error: {path}: {problem}; train the run again (--overwrite)")
     if model is not None:
         model.load_state_dict(weights, strict=False)
     return checkpoint
