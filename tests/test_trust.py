@@ -301,6 +301,22 @@ def test_resume_refuses_another_out_fewer_epochs_and_changed_images(
     assert again["epochs"] == 3  # not the demo's 20
 
 
+def test_a_run_stopped_during_the_cache_build_resumes(small_dir, tiny_clip_config, tmp_path,
+                                                      monkeypatch, one_thread):
+    """config.json was written after the feature cache's build: a run stopped there could not
+    --resume ("no config.json"). It is written first now."""
+    build = data.build_cache
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "build_cache", ctrl_c)
+    with pytest.raises(SystemExit, match="Ctrl-C"):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--out", str(tmp_path / "r"))
+    monkeypatch.setattr(data, "build_cache", build)
+    assert clip_tumor.main(["--resume", str(tmp_path / "r")])["epochs"] == 1
+
+
 def test_a_diverged_or_damaged_run_never_serves_nan(small_dir, tiny_clip_config, tmp_path,
                                                     monkeypatch, one_thread):
     """An epoch whose validation loss is NaN was saved as best.pt; a damaged or truncated
