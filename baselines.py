@@ -78,9 +78,13 @@ class CNNClassifier(clip_tumor.FrozenStem):
 
 
 def build_model(args):
-    if args.trainable_blocks != clip_tumor.TRAINABLE_BLOCKS:  # the shared option is the ViTs'
+    if args.trainable_blocks != clip_tumor.TRAINABLE_BLOCKS or "trainable_blocks" in getattr(
+            args, "given", ()):  # the shared option is the ViTs', given or not
         raise SystemExit(f"error: --trainable-blocks {args.trainable_blocks}: a CNN has no "
                          f"transformer blocks; choose what trains with --train-from STAGE")
+    if args.epochs == 0:  # zero-shot needs prompts (a text tower); this new layer is random
+        raise SystemExit("error: --epochs 0: a CNN has no zero-shot classifier (its new 4-class "
+                         "layer is random); train it for 1 or more epochs")
     clip_tumor.set_seed(args.seed)  # from-scratch weights and the new 4-class layer depend on it
     pretrained = "none" if args.benchmark else args.pretrained  # benchmark: random weights
     name = PAPER_MODELS.get(args.model, args.model)

@@ -283,8 +283,7 @@ def train(model, inputs, texts, references, select, args, out_dir, checkpoint=No
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     state = {"epoch": 0, "best_cider": -1.0, "best_loss": float("inf"), "best_epoch": 0,
              "history": []}
-    if checkpoint is not None:  # --resume: everything the next epoch depends on
-        model.load_state_dict(checkpoint["model"], strict=False)
+    if checkpoint is not None:  # --resume: all the next epoch depends on (weights: run_one)
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = {k: checkpoint[k] for k in state}
     n, history = len(inputs["train"]), state["history"]
@@ -360,65 +359,67 @@ def write_run_files(out_dir, metrics, history, rows):
         figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 
 
-def run_one(args, build_model, out_dir):
-    """One seed: splits, captions, model, feature cache (--train decoder), training, scores."""
-    device = clip_tumor.check_arguments(args)
+def run_one(args, build_model, out_dir, recorded=None):
+    """One seed: splits, captions, model, feature cache (--train decoder), training, scores; the
+    run folder, config (the split: a resume checks it) and checkpoints are clip_tumor.py's."""
+    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+    checkpoint = clip_tumor.load_checkpoint(checkpoint_path) \
+        if args.resume and os.path.isfile(checkpoint_path) else None
+    device = clip_tumor.check_arguments(args, checkpoint["epoch"] if checkpoint else 0)
     clip_tumor.set_seed(args.seed)
     splits = clip_tumor.load_splits(args)
+    split = {name: {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in getattr(
+        splits, name)} for name in ("train", "val", "test")}  # content SHA-1s, read once
+    hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
+    if args.resume:
+        stats.check_same_split(recorded, split, out_dir)
     model = build_model(args).to(device)
-    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
-    checkpoint = torch.load(checkpoint_path, weights_only=True) \
-        if args.resume and os.path.isfile(checkpoint_path) else None
-    stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
-    everything = splits.train + splits.val + splits.test
-    captions = read_captions(args, everything)
-    hashes = {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in everything}
+    if checkpoint:
+        clip_tumor.load_checkpoint(checkpoint_path, model)
+    captions = read_captions(args, splits.train + splits.val + splits.test)
     started, cached = time.time(), args.train == "decoder" and not args.no_cache
     cache = data.FeatureCache(args.cache_dir, model) if cached else None
-    jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
-    jobs.update({s.path: (hashes[s.path], list(range(args.views))) for s in splits.train})
-    bad = data.build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad)
-    cache_seconds = time.time() - started
-    parts = {name: [s for s in getattr(splits, name) if s.path not in bad]
-             for name in ("train", "val", "test")}
-    inputs = {name: data.Inputs(samples, hashes, args.data, model, cache)
-              for name, samples in parts.items()}
-    texts = {name: model.tokenize([captions[s.path] for s in samples]) if samples else None
-             for name, samples in parts.items()}
-    references = {name: [stats.caption_words(captions[s.path]) for s in samples]
+    with stats.run_folder(out_dir, args.overwrite, args.resume):  # after every input check
+        clip_tumor.write_config(args, model, splits, split, [], out_dir)
+        jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
+        jobs.update({s.path: (hashes[s.path], list(range(args.views))) for s in splits.train})
+        bad = data.build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad)
+        if bad:
+            clip_tumor.write_config(args, model, splits, split, bad, out_dir)
+        cache_seconds = time.time() - started
+        parts = {name: [s for s in getattr(splits, name) if s.path not in bad]
+                 for name in ("train", "val", "test")}
+        inputs = {name: data.Inputs(samples, hashes, args.data, model, cache)
                   for name, samples in parts.items()}
-    stats.write_json({"args": vars(args), "model_key": model.cache_key, "split_source":
-                      splits.source, "classes": list(data.CLASSES), "counts": {name: len(samples)
-                      for name, samples in parts.items()}, "undecodable_skipped": bad},
-                     os.path.join(out_dir, "config.json"))
-    history, best_epoch = [], 0
-    if args.epochs > 0:
-        select = "test" if args.select_on == "test" else "val"
-        history, best_epoch = train(model, inputs, texts, references, select, args, out_dir,
-                                    checkpoint)
-        model.load_state_dict(torch.load(f"{out_dir}/best.pt", weights_only=True)["model"],
-                              strict=False)
-    metrics = {"model": model.cache_key["model"], "train_mode": args.train, "seed": args.seed,
-               "epochs": args.epochs, "best_epoch": best_epoch, "cached": cached,
-               "selection": f"{args.select_on} CIDEr-D", "beams": args.beams,
-               "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
-               if history else None, "cache_build_seconds": cache_seconds,
-               "undecodable_skipped": len(bad)}
-    generated = {}
-    for name in ("train", "val", "test"):
-        metrics[name] = None
-        if parts[name]:
-            generated[name], loss = caption_split(model, inputs[name], texts[name], args)
-            metrics[name] = dict(score_captions(generated[name], references[name], inputs[
-                name].labels.tolist()), loss=loss)
-    rows = list(zip([s.path for s in parts["test"]], references["test"], generated["test"],
-                    strict=True))
-    write_run_files(out_dir, metrics, history, rows)
+        texts = {name: model.tokenize([captions[s.path] for s in samples]) if samples else None
+                 for name, samples in parts.items()}
+        references = {name: [stats.caption_words(captions[s.path]) for s in samples]
+                      for name, samples in parts.items()}
+        history, best_epoch = [], 0
+        if args.epochs > 0:
+            select = "test" if args.select_on == "test" else "val"
+            history, best_epoch = train(model, inputs, texts, references, select, args, out_dir,
+                                        checkpoint)
+            clip_tumor.load_checkpoint(f"{out_dir}/best.pt", model)
+        metrics = {"model": model.cache_key["model"], "train_mode": args.train, "seed": args.seed,
+                   "epochs": args.epochs, "best_epoch": best_epoch, "cached": cached,
+                   "selection": f"{args.select_on} CIDEr-D", "beams": args.beams,
+                   "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
+                   if history else None, "cache_build_seconds": cache_seconds,
+                   "undecodable_skipped": len(bad)}
+        generated = {}
+        for name in ("train", "val", "test"):
+            metrics[name] = None
+            if parts[name]:
+                generated[name], loss = caption_split(model, inputs[name], texts[name], args)
+                metrics[name] = dict(score_captions(generated[name], references[name], inputs[
+                    name].labels.tolist()), loss=loss)
+        rows = list(zip([s.path for s in parts["test"]], references["test"], generated["test"],
+                        strict=True))
+        write_run_files(out_dir, metrics, history, rows)
     test = metrics["test"]
     print(f"test: class accuracy {test['class_accuracy']:.4f}, BLEU-4 {test['bleu_4']:.4f}, "
           f"ROUGE-L {test['rouge_l']:.4f}, CIDEr-D {test['cider']:.4f}; results in {out_dir}/")
-    shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
-    os.remove(os.path.join(out_dir, ".lock"))
     return metrics
 
 

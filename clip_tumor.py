@@ -13,17 +13,21 @@ full network (4.7x); the stem 263 ms per image and view, once; an FGSM view 785 
 0.983 test accuracy in 28 s. No accuracy with real pretrained weights is measured here (offline).
 """
 import argparse
+import contextlib
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
 import resource
 import shutil
+import socket
 import sys
 import tempfile
 import time
 
+import huggingface_hub
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -253,6 +257,15 @@ def load_clip(model_name, pretrained, activation=None):
                          f"(a downloaded hub model), or a .json config")
     local_file = os.path.isfile(pretrained)
     weights = None if pretrained == "none" or from_hub else pretrained
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if weights and not local_file and weights not in tags:
+        raise SystemExit(f"error: --pretrained {pretrained}: no such file, nor a tag of "
+                         f"{model_name} ({', '.join(tags) or 'none'}); pass a file, a tag or none")
+    try:  # offline, the hub's client retries for ~50 s: if its host does not answer in 3 s, it
+        if weights and not local_file or model_name.startswith("hf-hub:"):  # uses its cache only
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # cached weights load, others fail at once
     # OpenAI's weights were trained with QuickGELU; a tag says so itself, a local file cannot
     tag = weights if weights and not local_file else "openai"
     openai_gelu = open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu")
@@ -275,10 +288,10 @@ def load_clip(model_name, pretrained, activation=None):
                          f"({problem})" if local_file else
                          f"error: cannot obtain the weights '{pretrained}' of {model_name} "
                          f"({problem}). Offline? Run once online (cached in ~/.cache/huggingface)"
-                         f", or pass the downloaded file: --model {model_name}-quickgelu "
-                         f"--pretrained /path/to/open_clip_pytorch_model.bin (OpenAI weights use "
-                         f"QuickGELU); a hub model: `hf download ORG/NAME --local-dir D`, then "
-                         f"--model local-dir:D; random weights: --pretrained none.")
+                         f", or pass the downloaded file: --model {model_name}"
+                         f"{'-quickgelu' if openai_gelu else ''} --pretrained /path/to/open_clip_"
+                         f"pytorch_model.bin; a hub model: `hf download ORG/NAME --local-dir D`, "
+                         f"then --model local-dir:D; random weights: --pretrained none.")
     if local_file or from_hub:
         weights = f"file:{tensor_digest(model.visual.parameters())[:16]}"
     return model, tokenizer, weights or "none"
@@ -432,8 +445,27 @@ def sum_over_ranks(numbers, device):
 # ---- training ----------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
-    stats.atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save with the bytes' SHA-1 first, as a cache entry (stats.write_checked): written to
+    a temporary file, then renamed, so a killed run never leaves half a file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    stats.write_checked(path, buffer.getvalue())
+
+
+def load_checkpoint(path, model=None):
+    """The dict atomic_save wrote to path (a damaged one stops, named); with model, its weights
+    loaded: exactly the model's trainable ones (strict=False alone skips others), finite."""
+    checkpoint = torch.load(io.BytesIO(stats.read_checked(path, True)), weights_only=True)
+    weights = checkpoint["model"]
+    problem = "" if model is None or set(weights) == set(trainable_state(model)) else \
+        f"not the trainable weights of this {type(model).__name__}"
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        problem = "weights that are not finite (training diverged)"
+    if problem:
+        raise SystemExit(f"error: {path}: {problem}; train the run again (--overwrite)")
+    if model is not None:
+        model.load_state_dict(weights, strict=False)
+    return checkpoint
 
 
 def focal_loss(logits, targets, weight=None, gamma=FOCAL_GAMMA):
@@ -503,8 +535,7 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
     save = atomic_save if rank_and_world()[0] == 0 else lambda obj, path: None  # rank 0 writes
     state = {"epoch": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
              "history": []}
-    if checkpoint is not None:  # --resume: everything the next epoch depends on
-        model.load_state_dict(checkpoint["model"], strict=False)
+    if checkpoint is not None:  # --resume: all the next epoch depends on (weights: run_one)
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = {k: checkpoint[k] for k in state}
 
@@ -551,8 +582,9 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
                         "train_accuracy": correct / seen, "select_loss": select_loss,
                         "select_accuracy": select_accuracy, "lr": optimizer.param_groups[0]["lr"],
                         "seconds": time.time() - started})
-        # best epoch: highest selection accuracy; a tie (common on small sets) goes to lower loss
-        if (select_accuracy, -select_loss) > (state["best_accuracy"], -state["best_loss"]):
+        # best epoch: highest selection accuracy, a tie (common on small sets) to lower loss; finite
+        if math.isfinite(select_loss) and (select_accuracy, -select_loss) > (
+                state["best_accuracy"], -state["best_loss"]):
             state.update(best_accuracy=select_accuracy, best_loss=select_loss,
                          best_epoch=epoch + 1)
             save({"model": trainable_state(model), "epoch": epoch + 1, "config": vars(args)},
@@ -563,18 +595,23 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {total_loss / seen:.4f} "
               f"acc {correct / seen:.4f} | {args.select_on} loss {select_loss:.4f} "
               f"acc {select_accuracy:.4f} | {history[-1]['seconds']:.1f}s", flush=True)
+    if not state["best_epoch"]:
+        raise SystemExit(f"error: no epoch had a finite {args.select_on} loss: training diverged; "
+                         f"try a lower --lr than {args.lr}")
     return history, state["best_epoch"]
 
 
 # ---- the run: data -> cache -> train -> evaluate -> run folder ---------------------------------
 
-def check_arguments(args):
+def check_arguments(args, epochs_done=0):
     """The device, or one error naming every option out of range, its value and what is allowed."""
     device = pick_device(args)
     problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
         ("views", args.views, args.views >= 1, "at least 1 (view 0 is the plain image)"),
-        ("batch-size", args.batch_size, args.batch_size >= 2, "at least 2 (BatchNorm heads)"),
-        ("epochs", args.epochs, args.epochs >= 0, "0 (zero-shot) or more"),
+        ("batch-size", args.batch_size, args.batch_size >= 2 or getattr(args, "head", "mlp") !=
+         "mlp", "at least 2 for BatchNorm (--head mlp, a CNN)"),
+        ("epochs", args.epochs, args.epochs >= epochs_done, f"the run has done {epochs_done}: "
+         f"{epochs_done} or more" if epochs_done else "0 (zero-shot) or more"),
         ("lr", args.lr, args.lr > 0, "positive"),
         ("val-fraction", args.val_fraction, args.val_fraction is None or 0 < args.val_fraction < 1,
          "between 0 and 1"),
@@ -585,8 +622,8 @@ def check_arguments(args):
         ("shots", args.shots, args.shots is None or args.shots >= 1, "1 or more"),
         ("attack-n", args.attack_n, args.attack_n is None or args.attack_n >= 1, "1 or more"),
         ("pgd-steps", args.pgd_steps, args.pgd_steps >= 1, "1 or more"),
-        ("eps", args.eps, args.eps > 0, "positive, in [0, 1] pixel units (paper: 0.01)"),
-        ("pgd-eps", args.pgd_eps, args.pgd_eps > 0, "positive, in [0, 1] pixel units"),
+        ("eps", args.eps, 0 < args.eps <= 1, "in (0, 1], pixel units (paper: 0.01)"),
+        ("pgd-eps", args.pgd_eps, 0 < args.pgd_eps <= 1, "in (0, 1], pixel units"),
         ("pgd-step-size", args.pgd_step_size, args.pgd_step_size > 0, "positive"),
         ("calibrate", "", not args.calibrate or args.select_on == "val",
          "needs the validation split (not --select-on test)"),
@@ -627,14 +664,11 @@ def load_splits(args):
     return splits
 
 
-def cache_inputs(args, build_model, model, splits, device):
+def cache_inputs(args, build_model, model, splits, hashes, cache, device):
     """(each split's Inputs, the training views, undecodable paths, seconds): the stem's output
     of every image and view stored in the feature cache (--no-cache: every image is decoded once,
-    to stop early on a bad one), the content hashes read once for the cache and the leak check."""
+    to stop early on a bad one); hashes: {path: content SHA-1}, for the cache and the leak check."""
     started = time.time()
-    everything = splits.train + splits.val + splits.test
-    hashes = {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in everything}
-    cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
     view_ids, make_view = list(range(args.views)), data.image_view
     if args.adversarial != "none" and cache and args.epochs:  # one cached adversarial view each
         make_view, view_id = adversarial_view_maker(args, build_model, device, splits.train,
@@ -650,22 +684,26 @@ def cache_inputs(args, build_model, model, splits, device):
     return inputs, view_ids, bad, time.time() - started
 
 
-def write_config(args, model, splits, inputs, bad, out_dir):
-    """config.json: every option, the stem's identity, the split and what was left out; returns
-    how the run trains adversarially (also in metrics.json)."""
+def write_config(args, model, splits, split, bad, out_dir):
+    """config.json: every option, the stem's identity, the split ({part: {path: SHA-1}}: a resume
+    checks it), per-class counts and what was left out; returns how the run trains adversarially
+    (also in metrics.json)."""
     adversarial = "none" if args.adversarial == "none" else f"{args.adversarial}, " + (
         "exact: each batch attacked by the current model and trained 1:1 with the clean one"
         if args.no_cache else "static: one cached view per training image, made once by the "
         "starting model (the paper's exact way: --no-cache)")
-    counts = {name: np.bincount(part.labels.numpy(), minlength=model.n_classes).tolist()
-              for name, part in inputs.items()}
+    counts = {name: np.bincount([s.label for s in getattr(splits, name) if s.path not in bad],
+                                minlength=model.n_classes).tolist() for name in split}
+    paths = {name: os.path.abspath(getattr(args, name))  # absolute: a resume works from anywhere
+             for name in ("data", "split", "cache_dir") if getattr(args, name)}
     augmentation = "fresh every epoch, drawn from (seed, epoch, image)" if args.no_cache else \
         "fixed: --views per image made once from (image, view) and cached, shared by every " \
         "seed (a std over seeds leaves out augmentation variance)"
-    stats.write_json({"args": vars(args), "model_key": model.cache_key, "counts": counts,
-                      "split_source": splits.source, "classes": list(model.class_names),
-                      "non_images_ignored": splits.non_images, "undecodable_skipped": bad,
-                      "augmentation": augmentation, "adversarial_training": adversarial},
+    stats.write_json({"args": {**vars(args), **paths}, "model_key": model.cache_key,
+                      "counts": counts, "split_source": splits.source,
+                      "classes": list(model.class_names), "non_images_ignored": splits.non_images,
+                      "undecodable_skipped": bad, "augmentation": augmentation,
+                      "adversarial_training": adversarial, "split": split},
                      os.path.join(out_dir, "config.json"))
     return adversarial
 
@@ -688,49 +726,58 @@ def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, 
                      args.calibrate, notes)
 
 
-def run_one(args, build_model, out_dir):
-    """One seed: splits, model, feature cache, training, evaluation, the run folder."""
-    device = check_arguments(args)
+def run_one(args, build_model, out_dir, recorded=None):
+    """One seed: splits, model, feature cache, training, evaluation, the run folder (recorded:
+    the split a resumed run started with). Under torchrun rank 0 alone writes and evaluates."""
+    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+    checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.isfile(
+        checkpoint_path) else None
+    device = check_arguments(args, checkpoint["epoch"] if checkpoint else 0)
     rank = init_distributed(device)  # 0 without torchrun
     set_seed(args.seed)
     splits = load_splits(args)
+    split = {name: {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in getattr(
+        splits, name)} for name in ("train", "val", "test")}  # content SHA-1s, read once
+    hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
+    if args.resume:
+        stats.check_same_split(recorded, split, out_dir)
     model = build_model(args).to(device)
-    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
-    checkpoint = torch.load(checkpoint_path, weights_only=True) \
-        if args.resume and os.path.isfile(checkpoint_path) else None
-    if rank == 0:  # rank 0 alone writes the run folder
-        stats.claim_run_folder(out_dir, args.overwrite, args.resume)  # after every input check
-    inputs, view_ids, bad, cache_seconds = cache_inputs(args, build_model, model, splits, device)
-    adversarial = write_config(args, model, splits, inputs, bad, out_dir) if rank == 0 else ""
-
-    history, best_epoch = [], 0
-    if args.epochs > 0:
-        select = inputs["test" if args.select_on == "test" else "val"]
-        with torch.autocast("cuda", torch.bfloat16, enabled=args.amp):  # --amp: CUDA only
-            history, best_epoch = train(model, inputs["train"], select, args, out_dir,
-                                        checkpoint, view_ids)
-        if rank == 0:
-            model.load_state_dict(torch.load(f"{out_dir}/best.pt", weights_only=True)["model"],
-                                  strict=False)
-    if rank > 0:  # the other ranks are done: rank 0 evaluates and reports
-        return None
+    if checkpoint:
+        load_checkpoint(checkpoint_path, model)
+    cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
     selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
                  "test set chose the epoch)") if args.select_on == "test" else "validation split"
-    metrics = {"model": model.cache_key["model"], "seed": args.seed, "selection": selection,
-               "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
-               "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
-               if history else None, "cache_build_seconds": cache_seconds,
-               "cached": not args.no_cache, "undecodable_skipped": len(bad),
-               "adversarial_training": adversarial, "val": None}
-    notes = f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}" if bad \
-        else ""
-    evaluate_and_report(args, model, inputs, splits.source, metrics, history, out_dir, notes)
-    cache = inputs["train"].cache
-    if cache is not None and cache.damaged:
-        print(f"feature cache: {cache.damaged} damaged entries (checksum mismatch) recomputed in "
-              f"{cache.dir}")
-    shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
-    os.remove(os.path.join(out_dir, ".lock"))
+    folder = stats.run_folder(out_dir, args.overwrite, args.resume) if rank == 0 else \
+        contextlib.nullcontext()  # claimed after every input check
+    with folder:
+        write = write_config if rank == 0 else lambda *_: ""
+        adversarial = write(args, model, splits, split, [], out_dir)  # a resume needs it now
+        inputs, view_ids, bad, cache_seconds = cache_inputs(args, build_model, model, splits,
+                                                            hashes, cache, device)
+        if bad:
+            write(args, model, splits, split, bad, out_dir)
+        history, best_epoch = [], 0
+        if args.epochs > 0:
+            select = inputs["test" if args.select_on == "test" else "val"]
+            with torch.autocast("cuda", torch.bfloat16, enabled=args.amp):  # --amp: CUDA only
+                history, best_epoch = train(model, inputs["train"], select, args, out_dir,
+                                            checkpoint, view_ids)
+            if rank == 0:
+                load_checkpoint(f"{out_dir}/best.pt", model)
+        if rank > 0:  # the other ranks are done: rank 0 evaluates and reports
+            return None
+        metrics = {"model": model.cache_key["model"], "seed": args.seed, "selection": selection,
+                   "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
+                   "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
+                   if history else None, "cache_build_seconds": cache_seconds,
+                   "cached": not args.no_cache, "undecodable_skipped": len(bad),
+                   "adversarial_training": adversarial, "val": None}
+        notes = f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}" if bad \
+            else ""
+        evaluate_and_report(args, model, inputs, splits.source, metrics, history, out_dir, notes)
+        if cache is not None and cache.damaged:
+            print(f"feature cache: {cache.damaged} damaged entries (checksum mismatch) "
+                  f"recomputed in {cache.dir}")
     return metrics
 
 
@@ -743,23 +790,16 @@ def run(args, build_model, script, one_run=None, epochs=EPOCHS):
         result = benchmark(build_model(args), pgd_steps=args.pgd_steps)
         print(json.dumps(result))
         return result
-    if args.resume:  # the run's own options; --epochs, when given, extends or shortens it
-        config = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(config):
-            raise SystemExit(f"error: --resume {args.resume}: no config.json there; pass a run "
-                             f"folder made by this script")
-        with open(config) as f:
-            saved = json.load(f)["args"]
-        epochs = args.epochs if args.epochs is not None else saved["epochs"]
-        args = argparse.Namespace(**{**vars(args), **saved, "resume": args.resume,  # today's
-                                     "out": args.resume, "epochs": epochs})  # defaults fill gaps
-        print(f"resuming {args.resume} with its own options ({epochs} epochs)")
+    args, recorded = stats.resume_options(args) if args.resume else (args, None)
     args.epochs = epochs if args.epochs is None else args.epochs
     name = os.path.basename(os.path.normpath(getattr(args, "weights", None) or args.model))
     name = "-".join([script, name.removesuffix(".json")] + [x for x, default in (
         (getattr(args, "head", "cosine"), "cosine"), (args.loss, "ce"),
         (getattr(args, "train", "full"), "full")) if x != default])
-    return (one_run or run_one)(args, build_model, args.out or f"runs/{name}-seed{args.seed}")
+    out_dir = args.out or f"runs/{name}-seed{args.seed}"
+    if args.demo and not args.resume:  # the demo replaces its own earlier demo run only
+        args.overwrite = args.overwrite or stats.run_config(out_dir)["args"].get("demo") is True
+    return (one_run or run_one)(args, build_model, out_dir, recorded)
 
 
 # ---- benchmark ---------------------------------------------------------------------------------
@@ -853,8 +893,10 @@ def make_parser(description):
     a("--attack-n", type=int, help="attack a stratified subset of about N test images")
     a("--skip-bad", action="store_true", help="skip images that cannot be decoded (counted)")
     a("--out", help="run folder (default runs/<script>-<model>-seed<seed>)")
-    a("--overwrite", action="store_true", help="replace the run in --out (other files stay)")
-    a("--resume", metavar="RUN_DIR", help="continue a stopped run with its own options")
+    a("--overwrite", action="store_true", help="replace the run in --out (kept in replaced/ "
+      "until the new one completes; other files stay)")
+    a("--resume", metavar="RUN_DIR", help="continue a stopped run in its own folder (not --out) "
+      "with its own options; --data, --cache-dir, --device and a longer --epochs may be given")
     a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     a("--amp", action="store_true", help="bfloat16 autocast in training (CUDA only)")
     a("--benchmark", action="store_true", help="time the steps at full size, random weights")
@@ -872,7 +914,7 @@ def demo_defaults(args):
     if not os.path.isdir(demo_data):
         data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
     defaults = dict(data=demo_data, cache_dir=os.path.join(DEMO_DIR, "cache"), epochs=20,
-                    views=2, lr=1e-3, overwrite=True)
+                    views=2, lr=1e-3)  # it replaces only its own earlier run (run())
     if args.trainable_blocks == 0:  # a probe, as CLIP's: plain view, trained to convergence
         defaults.update(views=1, lr=1e-2, epochs=300, warmup_epochs=0)  # 0.07 s an epoch
     return defaults
@@ -887,6 +929,9 @@ def parse_args(parser, argv=None, model_demo_defaults=dict):
         parser.set_defaults(**{**demo_defaults(args), **model_demo_defaults()})
         args = parser.parse_args(argv)
         torch.set_num_threads(1)  # a tiny model gains nothing from a second thread
+    unset = object()  # then the options argv names (for --resume): those not left unset
+    parser.set_defaults(**dict.fromkeys(vars(args), unset))
+    args.given = sorted(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
     return args
 
 

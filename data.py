@@ -13,7 +13,6 @@ exact or transformed copy in Training (all 405 notumor ones), 317 are leak-free.
 """
 import argparse
 import csv
-import glob
 import hashlib
 import io
 import json
@@ -91,10 +90,22 @@ def official_split_folders(root):
     return (found["train"], found["test"]) if len(found) == 2 else None
 
 
-def files_under(folder):
-    """Every file under folder at any depth, sorted; glob's "*" skips hidden files and folders."""
-    pattern = os.path.join(glob.escape(folder), "**", "*")
-    return list(filter(os.path.isfile, sorted(glob.glob(pattern, recursive=True))))
+def files_under(folder, tree=None):
+    """Every file under folder at any depth, sorted; hidden files and folders skipped. A linked
+    folder is followed unless it leads into tree (default: folder), whose images would be read
+    twice, or above itself (a loop): such a link is refused, named."""
+    found, root = [], os.path.realpath(tree or folder)
+    within = lambda path, top: os.path.commonpath([path, top]) == top
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for link in [os.path.join(parent, name) for name in folders]:
+            target = os.path.realpath(link)
+            if os.path.islink(link) and (within(target, root) or
+                                         within(os.path.realpath(parent), target)):
+                raise SystemExit(f"error: {link}: a link to {target}, inside the dataset or above "
+                                 f"the link (images read twice, or forever); remove the link")
+        found += [os.path.join(parent, name) for name in files if not name.startswith(".")]
+    return sorted(filter(os.path.isfile, found))
 
 
 def is_image(path):
@@ -118,7 +129,7 @@ def find_images(data_dir, also_allowed=()):
                              f"Testing/ holding them")
         found = []
         for folder in folders:
-            for path in files_under(os.path.join(root, folder)):
+            for path in files_under(os.path.join(root, folder), data_dir):
                 relative = os.path.relpath(path, data_dir).replace(os.sep, "/")
                 if is_image(path):
                     found.append((relative, normalise_class_name(folder) or folder.lower(), part))
@@ -128,14 +139,15 @@ def find_images(data_dir, also_allowed=()):
     return images, others
 
 
-def stratified_split(samples, fraction, seed):
-    """(rest, part): round(fraction * n_c) of each class c, drawn by seed, go to part."""
+def stratified_split(samples, fraction, seed, count=None):
+    """(rest, part): round(fraction * n_c) of each class c (or count of each), drawn by seed, go
+    to part."""
     rng = np.random.default_rng(seed)
     rest, part = [], []
     for label in range(len(CLASSES)):
         members = [s for s in samples if s.label == label]
         order = rng.permutation(len(members))
-        n_part = int(round(fraction * len(members)))
+        n_part = count if fraction is None else int(round(fraction * len(members)))
         part += [members[i] for i in order[:n_part]]
         rest += [members[i] for i in order[n_part:]]
     return sorted(rest, key=lambda s: s.path), sorted(part, key=lambda s: s.path)
@@ -144,7 +156,7 @@ def stratified_split(samples, fraction, seed):
 def read_split_csv(split_csv, data_dir):
     """Splits of a CSV with columns path,label,split (paths relative to data_dir)."""
     parts, listed = {"train": [], "val": [], "test": []}, set()
-    with open(split_csv, newline="") as f:  # clip_tumor.py checked that it exists
+    with open(split_csv, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) is dropped
         reader = csv.DictReader(f)
         if not {"path", "label", "split"} <= set(reader.fieldnames or []):
             raise SystemExit(f"error: {split_csv}: columns {reader.fieldnames}; need "
@@ -166,10 +178,8 @@ def read_split_csv(split_csv, data_dir):
 
 
 def write_csv(path, rows):
-    """rows (the header first) to the CSV file path, making its folder if needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+    """rows (the header first) to the CSV file path, written atomically (its folder made)."""
+    stats.atomic_write(path, lambda f: csv.writer(f).writerows(rows), "w")
 
 
 def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
@@ -262,30 +272,22 @@ class FeatureCache:
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.dir, self.damaged = os.path.join(root, digest[:16]), 0  # damaged: entries recomputed
-        os.makedirs(self.dir, exist_ok=True)
-        stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
+        if not os.path.isfile(os.path.join(self.dir, "key.json")):  # a full cache: read-only is ok
+            stats.write_json(key, os.path.join(self.dir, "key.json"))  # what the folder holds
 
     def path(self, content_hash, view):
         return os.path.join(self.dir, content_hash[:2], f"{content_hash}_v{view}.bin")
 
     def read(self, path):
         """The stored tensor (float32), or None when missing or damaged (checksum mismatch)."""
-        if not os.path.exists(path):
-            return None
-        with open(path, "rb") as f:
-            stored = f.read()
-        if hashlib.sha1(stored[20:]).digest() != stored[:20]:
-            self.damaged += 1
-            return None
-        return torch.from_numpy(np.load(io.BytesIO(stored[20:]))).float()
+        stored = stats.read_checked(path)
+        self.damaged += stored is None and os.path.exists(path)  # recomputed by the caller
+        return None if stored is None else torch.from_numpy(np.load(io.BytesIO(stored))).float()
 
     def put(self, content_hash, view, features):
         buffer = io.BytesIO()
         np.save(buffer, features.numpy().astype(np.float16))
-        payload = buffer.getvalue()
-        path = self.path(content_hash, view)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        stats.atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
+        stats.write_checked(self.path(content_hash, view), buffer.getvalue())
 
 
 class Inputs:
@@ -331,14 +333,11 @@ def store_stem(model, cache, pixels, keys):
 
 def few_shot(samples, shots, seed, split):
     """`shots` samples of each class, drawn with the seed, in path order (the K-shot protocol)."""
-    rng = np.random.default_rng(seed)
-    by_class = [[s for s in samples if s.label == c] for c in range(len(CLASSES))]
-    fewest = min(len(members) for members in by_class)
+    fewest = min(sum(s.label == c for s in samples) for c in range(len(CLASSES)))
     if fewest < shots:
         raise SystemExit(f"error: --shots {shots}: a class has only {fewest} {split} images; "
                          f"pass fewer")
-    return sorted((members[i] for members in by_class
-                   for i in rng.permutation(len(members))[:shots]), key=lambda s: s.path)
+    return stratified_split(samples, None, seed, shots)[1]
 
 
 def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
@@ -736,12 +735,20 @@ def main(argv=None):
     audit.add_argument("--out", required=True, help="folder for pairs.csv and summary.json")
     split = commands.add_parser("split", parents=[dataset], help="write an 80/10/10 split CSV")
     split.add_argument("--out", required=True, help="CSV to write, columns path,label,split")
+    split.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     split.add_argument("--leak-free", action="store_true", help="keep copies in one part")
     split.add_argument("--seed", type=int, default=42, help="seed of the split")
     merge = commands.add_parser("merge", help="merge datasets, one image per group of copies")
     merge.add_argument("sources", nargs="+", metavar="SRC", help="dataset folders, first wins")
     merge.add_argument("--out", required=True, help="new or empty folder to write")
     args = parser.parse_args(argv)
+    if args.command == "split":  # the input checks: no output replaced or inside a source
+        stats.check_new_output(args.out, args.overwrite)
+    for source in getattr(args, "sources", []):
+        if os.path.commonpath([os.path.realpath(source), os.path.realpath(args.out)]) == \
+                os.path.realpath(source):
+            raise SystemExit(f"error: --out {args.out}: inside the source {source}, which it "
+                             f"would change; choose a folder outside every source")
     if args.command == "synth":
         write_synthetic_dataset(args.out, args.per_class, args.seed)
         print(f"wrote {args.out}: Training/ and Testing/ with {', '.join(CLASSES)}, lesions.csv, "

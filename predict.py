@@ -46,14 +46,13 @@ def load_run(run_dir, device="auto"):
     defaults filling keys an older run lacks; the script's module). A zero-shot run (--epochs 0)
     has no best.pt and needs none."""
     config_path, best_path = (os.path.join(run_dir, name) for name in ("config.json", "best.pt"))
+    config = stats.run_config(run_dir)
     try:
-        with open(config_path) as f:
-            config = json.load(f)
         script = importlib.import_module(SCRIPTS[config["args"]["script"]])
         defaults = vars(script.build_parser().parse_args([]))
         options = argparse.Namespace(**{**defaults, **config["args"], "benchmark": False,
-                                        "device": device})
-    except (OSError, ValueError, KeyError, TypeError) as error:
+                                        "device": device, "out": run_dir})
+    except (KeyError, TypeError) as error:
         raise SystemExit(f"error: {config_path}: cannot read the run's options ({error!r}); pass "
                          f"a run folder made by a training script")
     if options.epochs and not os.path.isfile(best_path):
@@ -68,8 +67,8 @@ def load_run(run_dir, device="auto"):
                          f"{config['model_key']['model']}; the model rebuilt from its options "
                          f"has classes {list(model.class_names)} and differs in {changed}: use "
                          f"the weights and class list the run was trained with")
-    if options.epochs:
-        model.load_state_dict(torch.load(best_path, weights_only=True)["model"], strict=False)
+    if options.epochs:  # checked: its SHA-1, exactly the trainable weights, finite
+        clip_tumor.load_checkpoint(best_path, model)
     return model.to(clip_tumor.pick_device(options)).eval(), options, script
 
 
@@ -107,6 +106,9 @@ def run_probabilities(model, options, pixels):
     read the stem's output from the cache, stored in fp16, so it is rounded the same way here."""
     pixels = pixels.to(model.mean.device)
     logits = model(pixels) if options.no_cache else model.top(model.stem(pixels).half().float())
+    if not torch.isfinite(logits).all():  # never served: NaN probabilities
+        raise SystemExit(f"error: {options.out}: its model gives outputs that are not finite "
+                         f"(diverged); train it again with a lower --lr")
     return logits.float().softmax(-1).cpu()
 
 
@@ -328,6 +330,14 @@ def explain(model, options, script, args):
         raise SystemExit(f"error: {root}: no image to explain could be decoded")
     lesions = args.lesions or os.path.join(root, "lesions.csv")
     boxes = read_lesion_boxes(lesions) if args.lesions or os.path.isfile(lesions) else {}
+    sizes = {path: image.size for path, image in zip(paths, images)}  # (width, height)
+    for line, (path, box) in enumerate(boxes.items(), start=2):  # a row each, in file order
+        if path in sizes and (box[2] > sizes[path][0] or box[3] > sizes[path][1]):
+            raise SystemExit(f"error: {lesions}:{line}: box {box} lies outside {path} "
+                             f"({sizes[path][0]} x {sizes[path][1]}); fix the row")
+    if boxes:  # rows for other images are expected (--n of the test images), none is suspect
+        print(f"lesions: {sum(path in boxes for path in paths)} of the {len(paths)} images have "
+              f"a box in {lesions} (paths relative to {root})")
     pixels = torch.stack([data.image_view(image, None, 0, size) for image in images])
     if options.script == "caption":  # the decoder's cross-attention where it names the class
         method, maps, said = "cross-attention", [], []
@@ -406,9 +416,8 @@ def main(argv=None):
         raise SystemExit(f"error: --n {args.n}: 1 or more")
     out = args.out or (os.path.join(args.run, "explain") if args.explain else os.path.join(
         args.run, "predictions_" + os.path.basename(os.path.normpath(args.images_dir)) + ".csv"))
-    written = os.path.join(out, "explain.json") if args.explain else out
-    if os.path.exists(written) and not args.overwrite:
-        raise SystemExit(f"error: {written}: exists; pass --overwrite to replace it, or --out")
+    stats.check_new_output(os.path.join(out, "explain.json") if args.explain else out,
+                           args.overwrite)
     model, options, script = load_run(args.run, args.device)
     if args.explain:
         return explain(model, options, script, args)

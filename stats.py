@@ -1,17 +1,22 @@
 """Metrics, statistics, calibration and the run folder of tumor-vlm: every number it reports.
 
     python stats.py compare runs/clip-seed0 runs/blip-seed0   # bootstrap CIs, paired diff, McNemar
-    python stats.py summary runs/clip-seeds/seed*             # mean +- sample std over runs
+    python stats.py summary runs/seed* --out summary.json    # mean +- sample std over runs
 
 Checked against scikit-learn or worked examples in tests/test_stats.py. y_true, y_pred: class
 indices (N,); probs: (N, C); a confusion matrix has rows = true, columns = predicted class.
 """
 import argparse
+import contextlib
 import csv
+import errno
+import fnmatch
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -391,18 +396,50 @@ def _to_json(value):
 
 
 def atomic_write(path, write, mode="wb"):
-    """write(file) into path.tmp<pid>, renamed over path: a killed run never leaves half a file."""
+    """write(file) into path.tmp<pid> (its folder made), renamed over path: a killed run never
+    leaves half a file."""
     temporary = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(temporary, mode, newline=None if "b" in mode else "") as file:
             write(file)
         os.replace(temporary, path)
-    except OSError as error:  # e.g. a full disk
-        raise SystemExit(f"error: {path}: cannot write ({error.strerror}); free disk space or "
-                         f"choose another --out / --cache-dir") from None
+    except OSError as error:  # e.g. a full disk, a read-only folder
+        fix = "free disk space or choose" if error.errno == errno.ENOSPC else "choose"
+        raise SystemExit(f"error: {path}: cannot write ({error.strerror}); {fix} another --out "
+                         f"/ --cache-dir") from None
     finally:
         if os.path.exists(temporary):  # any failure, the write's own exceptions included
             os.remove(temporary)
+
+
+def write_checked(path, payload):
+    """The SHA-1 of payload (20 bytes), then payload, written atomically (cache entries,
+    checkpoints): a flipped byte or a truncated file is found on reading."""
+    atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
+
+
+def read_checked(path, needed=False):
+    """The payload write_checked stored in path, or None when missing, damaged or truncated;
+    needed: such a file stops the run, named."""
+    stored = b""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            stored = f.read()
+    if hashlib.sha1(stored[20:]).digest() == stored[:20]:
+        return stored[20:]
+    if needed:
+        raise SystemExit(f"error: {path}: missing, damaged or truncated (its SHA-1 does not "
+                         f"match); train the run again (--overwrite)")
+
+
+def check_new_output(path, overwrite, option="--out"):
+    """Refuse a file output that is a folder, or that exists without --overwrite (nothing lost)."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {option} {path}: is a folder; pass a file name")
+    if os.path.exists(path) and not overwrite:
+        raise SystemExit(f"error: {path}: exists; pass --overwrite to replace it, or another "
+                         f"{option}")
 
 
 def write_json(obj, path):
@@ -411,14 +448,19 @@ def write_json(obj, path):
     return path
 
 
-# What a run writes: --overwrite may replace these, and nothing else in the run folder.
+# What a run writes, and predict.py and compare beside it: --overwrite moves these (names or
+# fnmatch patterns), and nothing else in the run folder, to replaced/
 RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "checkpoint.pt",
-             "best.pt", "confusion_matrix.png", "curves.png", "reliability.png", "captions.csv")
+             "best.pt", "confusion_matrix.png", "curves.png", "reliability.png", "captions.csv",
+             "predictions_*.csv", "compare_*.json", "explain")
 
 
-def claim_run_folder(out_dir, overwrite, resume):
-    """Refuse out_dir while another live run holds out_dir/.lock (its pid), or when it holds
-    RUN_FILES without --overwrite or --resume; --overwrite moves them to out_dir/replaced/."""
+@contextlib.contextmanager
+def run_folder(out_dir, overwrite, resume):
+    """with run_folder(...): the run. Refuse out_dir while another live run holds out_dir/.lock
+    (its pid), or when it holds RUN_FILES without --overwrite or --resume; --overwrite moves them
+    to out_dir/replaced/, deleted once the run completes. Whatever the end, the lock goes; Ctrl-C
+    says how to continue."""
     lock, replaced = os.path.join(out_dir, ".lock"), os.path.join(out_dir, "replaced")
     try:
         with open(lock) as file:
@@ -429,10 +471,11 @@ def claim_run_folder(out_dir, overwrite, resume):
                              f"wait for it or choose another --out")
     except (FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
         pass
+    is_ours = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in RUN_FILES)
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:  # a killed run's temps
-        if name.split(".tmp")[0] in RUN_FILES and ".tmp" in name:
+        if ".tmp" in name and is_ours(name.split(".tmp")[0]):
             os.remove(os.path.join(out_dir, name))
-    ours = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    ours = sorted(filter(is_ours, os.listdir(out_dir) if os.path.isdir(out_dir) else []))
     if ours and not (overwrite or resume):
         raise SystemExit(f"error: {out_dir}: run folder exists; pass --resume {out_dir} to "
                          f"continue it, --overwrite to replace it, or --out for a new folder")
@@ -444,10 +487,78 @@ def claim_run_folder(out_dir, overwrite, resume):
         raise SystemExit(f"error: --out {out_dir}: cannot write there ({error.strerror})")
     kept = os.listdir(replaced)  # not empty: a failed run left the last good one there
     for name in ours if not resume else []:
-        if kept:
-            os.remove(os.path.join(out_dir, name))
+        path = os.path.join(out_dir, name)
+        if kept:  # the failed run's own files
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         else:
-            os.replace(os.path.join(out_dir, name), os.path.join(replaced, name))
+            os.replace(path, os.path.join(replaced, name))
+    if ours and not resume:
+        print(f"note: the earlier run is kept in {replaced}/ until this one completes")
+    completed = False
+    try:
+        yield
+        completed = True
+    except KeyboardInterrupt:
+        raise SystemExit(f"error: stopped (Ctrl-C); continue from its last finished epoch with "
+                         f"--resume {out_dir}") from None
+    finally:
+        if completed or not os.listdir(replaced):
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            print(f"note: the run did not complete; the earlier run it replaces is kept in "
+                  f"{replaced}/ (move its files back to restore it)")
+        os.remove(lock)
+
+
+def run_config(run_dir):
+    """run_dir/config.json, the run's options and split; {"args": {}} when there is none."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except FileNotFoundError:
+        return {"args": {}}
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {path}: cannot read the run's options ({error}); pass a run "
+                         f"folder made by a training script") from None
+
+
+def resume_options(args, changeable=("data", "cache_dir", "device", "epochs")):
+    """--resume RUN: (the run's own options, with those in changeable that argv gave: a moved
+    dataset (check_same_split checks its images) or cache, the machine, more epochs; the split
+    the run recorded). Other options given are named as ignored; another --out is refused."""
+    if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise SystemExit(f"error: --out {args.out}: a resumed run continues in its own folder, "
+                         f"{args.resume}; copy that folder to {args.out} first to continue there")
+    saved = run_config(args.resume)
+    if not saved["args"]:
+        raise SystemExit(f"error: --resume {args.resume}: no config.json there; pass a run "
+                         f"folder made by a training script")
+    given = {name: getattr(args, name) for name in args.given if name not in ("resume", "out")}
+    ignored = [f"--{name.replace('_', '-')} {value}" for name, value in given.items()
+               if name not in changeable and saved["args"].get(name) != value]
+    if ignored:
+        print(f"note: ignored with --resume (the run keeps its own options): {', '.join(ignored)}")
+    args = argparse.Namespace(**{**vars(args), **saved["args"], **{  # today's defaults fill gaps
+        name: value for name, value in given.items() if name in changeable},
+        "resume": args.resume, "out": args.resume, "given": args.given})
+    print(f"resuming {args.resume} with its own options ({args.epochs} epochs)")
+    return args, saved.get("split")
+
+
+def check_same_split(recorded, split, run_dir):
+    """--resume: refuse images that differ from those the run started with (recorded: its
+    config.json's split, {part: {path: SHA-1}}; a run older than this record has none)."""
+    old, new = ({(part, path): sha1 for part, files in record.items() for path, sha1 in
+                 files.items()} for record in (recorded or split, split))
+    changes = {"added": new.keys() - old.keys(), "removed": old.keys() - new.keys(),
+               "changed": {key for key in old.keys() & new.keys() if old[key] != new[key]}}
+    if any(changes.values()):
+        counts = ", ".join(f"{len(keys)} {change}" for change, keys in changes.items())
+        examples = ", ".join("/".join(key) for key in sorted(set().union(*changes.values()))[:3])
+        raise SystemExit(f"error: --resume {run_dir}: the dataset changed since the run started "
+                         f"({counts}: {examples}); pass the run's own images with --data, or "
+                         f"start a new run")
 
 
 def _new_figure(width=5.0, height=4.5, columns=1):
@@ -576,22 +687,31 @@ def read_predictions(path):
         y_true = np.array([class_index[row["label"]] for row in rows], dtype=int)
         y_pred = np.array([class_index[row["pred"]] for row in rows], dtype=int)
         probs = np.array([[float(row["p_" + name]) for name in class_names] for row in rows])
-    except (KeyError, ValueError) as error:
-        raise SystemExit(f"error: {path}: bad label or probability ({error}); rewrite the file")
+    except (KeyError, ValueError, TypeError) as error:  # TypeError: a short (truncated) row
+        raise SystemExit(f"error: {path}: bad label or probability, or a short row ({error!r}); "
+                         f"rewrite the file (the run's predictions.csv: rerun or --resume it)")
     return [row["path"] for row in rows], y_true, y_pred, probs, class_names
 
 
 # ---- compare two runs, summarise seeds ---------------------------------------------------------
 
-def compare_runs(run_a, run_b, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=SEED):
-    """Two runs on the same images (matched by path): metrics with bootstrap CIs, and McNemar."""
-    paths_a, y_true, pred_a, _, classes = read_predictions(os.path.join(run_a, "predictions.csv"))
-    paths_b, true_b, pred_b, _, classes_b = read_predictions(os.path.join(run_b, "predictions.csv"))
+def check_same_images(run_a, paths_a, run_b, paths_b):
+    """Refuse two runs evaluated on different images (or one run given twice): compare and
+    summary pair or average runs of one test set only."""
     if sorted(paths_a) != sorted(paths_b) or len(set(paths_a)) < len(paths_a):
         only_a, only_b = sorted(set(paths_a) - set(paths_b)), sorted(set(paths_b) - set(paths_a))
         raise SystemExit(f"error: {run_a} and {run_b} were evaluated on different images: "
                          f"{len(only_a)} path(s) only in A (e.g. {only_a[:3]}), {len(only_b)} only "
-                         f"in B (e.g. {only_b[:3]}), or a repeated path; compare runs of one split")
+                         f"in B (e.g. {only_b[:3]}), or a repeated path; use runs of one split")
+    if os.path.realpath(run_a) == os.path.realpath(run_b):
+        raise SystemExit(f"error: {run_a} and {run_b} are one run; pass each run once")
+
+
+def compare_runs(run_a, run_b, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=SEED):
+    """Two runs on the same images (matched by path): metrics with bootstrap CIs, and McNemar."""
+    paths_a, y_true, pred_a, _, classes = read_predictions(os.path.join(run_a, "predictions.csv"))
+    paths_b, true_b, pred_b, _, classes_b = read_predictions(os.path.join(run_b, "predictions.csv"))
+    check_same_images(run_a, paths_a, run_b, paths_b)
     row_in_b = {path: row for row, path in enumerate(paths_b)}
     order = [row_in_b[path] for path in paths_a]  # B's rows in A's order
     true_b, pred_b = true_b[order], pred_b[order]
@@ -648,7 +768,10 @@ def format_comparison(result):
 def summarize_runs(run_dirs, section="test"):
     """Mean and sample std (ddof=1; None for one run) of each number in the runs' metrics.json."""
     values = {}  # metric name -> one value per run (null -> NaN)
-    for run in run_dirs:
+    test_paths = [read_predictions(os.path.join(run, "predictions.csv"))[0] for run in run_dirs]
+    for k, run in enumerate(run_dirs):  # every pair: one test set, and no run counted twice
+        for other in range(k):
+            check_same_images(run_dirs[other], test_paths[other], run, test_paths[k])
         metrics_path = os.path.join(run, "metrics.json")
         if not os.path.isfile(metrics_path):
             raise SystemExit(f"error: {metrics_path}: not found; is {run} a finished run folder?")
@@ -689,28 +812,32 @@ def main(argv=None):
                                   help="two runs on the same images: bootstrap CIs, McNemar")
     compare.add_argument("run_a", help="run folder A (with predictions.csv)")
     compare.add_argument("run_b", help="run folder B (with predictions.csv), same test images")
-    compare.add_argument("--json", help="output JSON (default RUN_A/compare_<name of RUN_B>.json)")
+    compare.add_argument("--out", "--json", help="output JSON (default "
+                         "RUN_A/compare_<name of RUN_B>.json)")
     compare.add_argument("--ci-method", default=CI_METHOD, choices=("BCa", "percentile"),
                          help="bootstrap interval method")
     compare.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="resamples per CI")
     compare.add_argument("--seed", type=int, default=SEED, help="seed of the bootstrap resampling")
     summary = commands.add_parser("summary", help="mean +- sample std of test metrics over runs")
     summary.add_argument("runs", nargs="+", help="run folders (with metrics.json), one per seed")
-    summary.add_argument("--json", help="output JSON (default summary.json in the runs' parent)")
+    summary.add_argument("--out", "--json", help="output JSON (default: printed only)")
+    for command in (compare, summary):
+        command.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    run_b_name = os.path.basename(os.path.normpath(getattr(args, "run_b", "")))
+    json_path = args.out or (os.path.join(args.run_a, f"compare_{run_b_name}.json")
+                             if args.command == "compare" else None)
+    if json_path:  # the one input check: an output is never replaced without --overwrite
+        check_new_output(json_path, args.overwrite)
     if args.command == "compare":
         result = compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples, args.seed)
-        text = format_comparison(result)
-        run_b_name = os.path.basename(os.path.normpath(args.run_b))
-        json_path = args.json or os.path.join(args.run_a, f"compare_{run_b_name}.json")
+        print(format_comparison(result))
     else:
         result = summarize_runs(args.runs)
-        text = format_summary(result)
-        parents = [os.path.dirname(os.path.abspath(run)) for run in args.runs]
-        json_path = args.json or os.path.join(os.path.commonpath(parents), "summary.json")
-    print(text)
-    write_json(result, json_path)
-    print(f"\nwrote {json_path}")
+        print(format_summary(result))
+    if json_path:
+        write_json(result, json_path)
+        print(f"\nwrote {json_path}")
     return result
 
 

@@ -264,7 +264,7 @@ def test_adversarial_training_in_the_loop_is_more_robust(tmp_path, method):
         args = argparse.Namespace(**options, adversarial=training)
         clip_tumor.train(model, Pixels(model, train_images, train_labels),
                          Pixels(model, test_images, test_labels), args, str(tmp_path))
-        model.load_state_dict(torch.load(tmp_path / "best.pt")["model"], strict=False)
+        clip_tumor.load_checkpoint(str(tmp_path / "best.pt"), model)
         attacked = clip_tumor.attack(model, test_images, test_labels, 5, 0.02, 0.05)
         with torch.no_grad():
             accuracy[training] = (model(attacked).argmax(-1) == test_labels).float().mean().item()

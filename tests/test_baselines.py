@@ -38,7 +38,7 @@ def small_model(name="resnet18", train_from=None, size=64, seed=0, pretrained="n
                 trainable_blocks=clip_tumor.TRAINABLE_BLOCKS):
     args = argparse.Namespace(model=name, pretrained=pretrained, image_size=size, seed=seed,
                               train_from=train_from, benchmark=False, no_cache=False,
-                              trainable_blocks=trainable_blocks)
+                              trainable_blocks=trainable_blocks, epochs=1)
     return baselines.build_model(args), args
 
 
@@ -173,8 +173,11 @@ def test_unknown_stage_and_unknown_model_are_clear():
     for blocks in (0, 4):  # the shared ViT option is refused, not ignored; its default passes
         with pytest.raises(SystemExit, match=f"--trainable-blocks {blocks}: .*--train-from STAGE"):
             small_model("resnet18", trainable_blocks=blocks)
-    with pytest.raises(SystemExit, match="--trainable-blocks 0: .*--train-from STAGE"):
-        baselines.main(["--benchmark", "--model", "resnet18", "--trainable-blocks", "0"])
+    for blocks in ("0", "2"):  # issue 22: given, even as the ViTs' default, it is refused
+        with pytest.raises(SystemExit, match=f"--trainable-blocks {blocks}: .*--train-from"):
+            baselines.main(["--benchmark", "--model", "resnet18", "--trainable-blocks", blocks])
+    with pytest.raises(SystemExit, match="--epochs 0: a CNN has no zero-shot classifier"):
+        baselines.main(["--benchmark", "--model", "resnet18", "--epochs", "0"])
     with pytest.raises(SystemExit, match="--model no_such_net: unknown"):
         small_model("no_such_net")
     with pytest.raises(SystemExit, match="--model resnet50.no_such_tag: unknown"):
@@ -252,7 +255,7 @@ def test_resume_with_train_from_gives_same_result(synth_dir, tmp_path, monkeypat
     whole = baselines.main(run_args(synth_dir, tmp_path, *extra, "--out", str(tmp_path / "a")))
     assert whole["cached"]
     kill_after_first_checkpoint(monkeypatch, clip_tumor)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="Ctrl-C.*--resume"):
         baselines.main(run_args(synth_dir, tmp_path, *extra, "--out", str(tmp_path / "b")))
     resumed = baselines.main(["--resume", str(tmp_path / "b")])
     assert resumed["best_epoch"] == whole["best_epoch"]

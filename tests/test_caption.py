@@ -30,6 +30,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 import caption_tumor
+import clip_tumor
 import data
 import stats
 from conftest import kill_after_first_checkpoint
@@ -209,7 +210,7 @@ def test_describe_and_cross_attention_maps_follow_the_run(decoder_run):
     options = argparse.Namespace(**json.loads((run / "config.json").read_text())["args"])
     options.benchmark = False
     model = caption_tumor.build_model(options)
-    model.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"], strict=False)
+    clip_tumor.load_checkpoint(str(run / "best.pt"), model)
     with open(run / "captions.csv") as f:
         rows = list(csv.DictReader(f))[::5]
     pixels = torch.stack([data.image_view(data.load_rgb(os.path.join(options.data, r["path"])),
@@ -254,7 +255,7 @@ def test_a_killed_run_resumes_to_the_same_result(small_dir, tiny_weights, tmp_pa
               "--train", "decoder", "--cache-dir", str(tmp_path / "cache")]
     whole = caption_tumor.main(common + ["--out", str(tmp_path / "whole")])
     kill_after_first_checkpoint(monkeypatch, caption_tumor)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=r"stopped \(Ctrl-C\)"):
         caption_tumor.main(common + ["--out", str(tmp_path / "killed")])
     monkeypatch.undo()
     with pytest.raises(SystemExit, match="--resume"):  # neither --resume nor --overwrite

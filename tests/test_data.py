@@ -10,7 +10,9 @@ What each test pins down:
   DecodeError naming it; views are deterministic per (content, view);
 - the synthetic writer is atomic (a killed writer leaves nothing; the rerun succeeds), two
   writers at once never delete each other's folder and the second keeps the first's dataset,
-  and its lesions.csv boxes hold the bright lesion.
+  and its lesions.csv boxes hold the bright lesion;
+- folder links back into a dataset are refused (a loop), outside ones followed; split --out is
+  never replaced without --overwrite; merge --out inside a source is refused; a BOM is read.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_data.py
 """
 import csv
@@ -259,3 +261,46 @@ def test_two_synthetic_writers_at_once_keep_one_complete_dataset(tmp_path, monke
     assert not os.path.exists(f"{out}.partial{os.getpid()}")
 
 
+
+
+def test_folder_links_into_the_dataset_are_refused_outside_ones_followed(tmp_path):
+    """Issue 22: Training/notumor/loop -> .. made glob read the tree ~40 times, every image a
+    notumor; such a link is refused, named. A link to a folder outside the dataset is read once."""
+    root = data.write_synthetic_dataset(str(tmp_path / "d"), per_class=5, seed=0)
+    outside = tmp_path / "more"
+    write_image(str(outside / "extra.png"))
+    os.symlink(outside, os.path.join(root, "Training", "glioma", "more"))
+    images = data.find_images(root)[0]
+    assert ("Training/glioma/more/extra.png", "glioma", "Training") in images
+    assert len(images) == 4 * (5 + 5) + 1
+    os.symlink("..", os.path.join(root, "Training", "notumor", "loop"))
+    with pytest.raises(SystemExit, match="notumor/loop: a link to .*Training, inside the dataset"):
+        data.main(["split", "--data", root, "--out", str(tmp_path / "s.csv")])
+
+
+def test_split_and_merge_never_overwrite_nor_write_into_a_source(synth_dir, tmp_path, capsys):
+    """Issue 22: split --out replaces an existing CSV only with --overwrite (a folder: named);
+    merge --out inside a source's folder is refused (it would pollute the source)."""
+    out = tmp_path / "split.csv"
+    out.write_text("mine")
+    with pytest.raises(SystemExit, match="split.csv: exists; pass --overwrite"):
+        data.main(["split", "--data", synth_dir, "--out", str(out)])
+    assert out.read_text() == "mine"
+    with pytest.raises(SystemExit, match="--out .*: is a folder; pass a file name"):
+        data.main(["split", "--data", synth_dir, "--out", str(tmp_path)])
+    data.main(["split", "--data", synth_dir, "--out", str(out), "--overwrite"])
+    assert out.read_text().startswith("path,label,split")
+    for inside in (os.path.join(synth_dir, "Training", "glioma", "m"), synth_dir):
+        with pytest.raises(SystemExit, match="inside the source .*; choose a folder outside"):
+            data.main(["merge", str(tmp_path), synth_dir, "--out", inside])
+    assert not os.path.exists(os.path.join(synth_dir, "Training", "glioma", "m"))
+
+
+def test_a_split_csv_saved_with_a_bom_is_read(synth_dir, tmp_path):
+    """Issue 22: Excel's UTF-8 BOM was read as a column named '\\ufeffpath'."""
+    plain = data.load_splits(synth_dir, 0, 0.1)
+    rows = [f"{s.path},{data.CLASSES[s.label]},{part}" for part in ("train", "val", "test")
+            for s in getattr(plain, part)]
+    split = tmp_path / "bom.csv"
+    split.write_text("\ufeffpath,label,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert data.load_splits(synth_dir, 0, 0.1, str(split)).test == plain.test

@@ -14,7 +14,8 @@
   config, another class list, another stem, a folder without config.json, a killed run
   without best.pt, an empty folder and an existing CSV (without --overwrite) are refused.
 - predict.py RUN --explain writes overlays and explain.json with the pointing game where lesions.csv exists;
-  a second call needs --overwrite, which replaces the earlier maps and keeps the user's files.
+  a second call needs --overwrite, which replaces the earlier maps and keeps the user's files;
+  --out an existing folder and a lesion box outside its image are named (issue 22).
   Its pointing game and chance equal a recomputation from its records (argmax_xy, the boxes
   scaled in exact integers, grown by tolerance_pixels) and the images' brain pixels; a box that
   scales to whole pixels is not grown (floating-point scaling floored 31.999... to 31).
@@ -59,7 +60,8 @@ def tiny_blip(weights):
 def small_cnn(size=128):
     return baselines.build_model(argparse.Namespace(
         model="resnet18", pretrained="none", image_size=size, seed=0, train_from=None,
-        benchmark=False, no_cache=False, trainable_blocks=clip_tumor.TRAINABLE_BLOCKS)).eval()
+        benchmark=False, no_cache=False, trainable_blocks=clip_tumor.TRAINABLE_BLOCKS,
+        epochs=1)).eval()
 
 
 def normalised(maps):
@@ -282,6 +284,28 @@ def test_explain_writes_overlays_and_the_pointing_game(trained_run):
     with pytest.raises(SystemExit, match="explain.json: cannot read which maps it wrote"):
         predict.main([trained_run, "--explain", "--n", "2", "--overwrite"])
     assert len([name for name in os.listdir(folder) if name.endswith(".png")]) == 2
+
+
+def test_predict_out_a_folder_and_boxes_outside_the_image_are_named(trained_run, synth_dir,
+                                                                    tmp_path, capsys):
+    """Issue 22: --out an existing folder said "free disk space"; a lesion box outside its image
+    was scored, rows matching no image were dropped without a count."""
+    with pytest.raises(SystemExit, match="--out .*: is a folder; pass a file name"):
+        predict.main([trained_run, os.path.join(synth_dir, "Testing"), "--out", str(tmp_path)])
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("glioma_0000.jpg", "glioma_0001.jpg"):
+        shutil.copy(os.path.join(synth_dir, "Testing", "glioma", name), scans / name)
+    lesions = scans / "lesions.csv"
+    lesions.write_text("path,x0,y0,x1,y1\nglioma_0000.jpg,10,10,40,40\n"
+                       "/abs/glioma_0001.jpg,1,1,5,5\n")  # an absolute path matches no image
+    predict.main([trained_run, "--explain", "--images", str(scans), "--out", str(tmp_path / "e")])
+    assert f"lesions: 1 of the 2 images have a box in {lesions}" in capsys.readouterr().out
+    lesions.write_text("path,x0,y0,x1,y1\nglioma_0000.jpg,10,10,40,40\nglioma_0001.jpg,50,0,97,9\n")
+    with pytest.raises(SystemExit, match=r"lesions.csv:3: box \(50, 0, 97, 9\) lies outside "
+                                         r"glioma_0001.jpg \(96 x 96\)"):
+        predict.main([trained_run, "--explain", "--images", str(scans), "--out",
+                      str(tmp_path / "f")])
 
 
 def test_trained_attention_finds_the_lesions_and_untrained_does_not(trained_clip_run, synth_dir,

@@ -11,7 +11,8 @@
 - calibration: a known temperature is recovered, the validation NLL is at least as low as a
   brute-force temperature scan's, the tumour threshold matches a brute-force F1 scan;
 - the run folder (strict JSON, predictions.csv read back, report, figures) and the compare /
-  summary command lines end to end on fake run folders.
+  summary command lines end to end on fake run folders; their outputs are never replaced
+  without --overwrite, runs on other test images (or one run twice) are refused.
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_stats.py (about 10 s)
 """
@@ -458,8 +459,8 @@ def test_compare_cli_rejects_different_image_sets(tmp_path):
 def test_summary_cli_is_mean_and_sample_std(tmp_path):
     rng = np.random.default_rng(0)
     runs, accuracies, glioma_f1 = [], [], []
+    y_true = rng.integers(0, 4, 100)  # seeds of one study: one test set
     for seed in range(3):
-        y_true = rng.integers(0, 4, 100)
         y_pred = np.where(rng.random(100) < 0.85, y_true, rng.integers(0, 4, 100))
         probs = rng.dirichlet(np.ones(4), 100)
         run_dir = tmp_path / "runs" / f"seed{seed}"
@@ -467,8 +468,8 @@ def test_summary_cli_is_mean_and_sample_std(tmp_path):
         runs.append(str(run_dir))
         accuracies.append(sk.accuracy_score(y_true, y_pred))
         glioma_f1.append(sk.f1_score(y_true, y_pred, average=None)[0])
-    stats.main(["summary", *runs])
-    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    stats.main(["summary", *runs, "--out", str(tmp_path / "summary.json")])
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_runs"] == 3
     metrics = summary["metrics"]
     assert metrics["accuracy"]["mean"] == pytest.approx(np.mean(accuracies), abs=1e-12)
@@ -477,6 +478,41 @@ def test_summary_cli_is_mean_and_sample_std(tmp_path):
     assert metrics["f1_glioma"]["std"] == pytest.approx(np.std(glioma_f1, ddof=1), abs=1e-12)
     assert "ece" in metrics and "per_class" not in metrics
     assert stats.summarize_runs(runs[:1])["metrics"]["accuracy"]["std"] is None
+
+
+def test_outputs_are_not_replaced_and_mixed_runs_are_refused(tmp_path, capsys):
+    """Issue 22: summary writes only where --out says and, like compare, replaces an existing
+    output only with --overwrite; runs on other test images, or one run twice, are refused; a
+    truncated predictions.csv is named (no traceback)."""
+    y_true, pred_a, _ = fake_pair(tmp_path)
+    runs = [str(tmp_path / "run_a"), str(tmp_path / "run_b")]
+    stats.main(["summary", *runs])
+    assert not (tmp_path / "summary.json").exists()  # printed only
+    mine = tmp_path / "summary.json"
+    mine.write_text("mine")
+    for command in (["summary", *runs, "--out", str(mine)], ["compare", *runs, "--out", str(mine)]):
+        with pytest.raises(SystemExit, match="summary.json: exists; pass --overwrite"):
+            stats.main(command)
+    assert mine.read_text() == "mine"
+    with pytest.raises(SystemExit, match="--out .*: is a folder"):
+        stats.main(["summary", *runs, "--out", str(tmp_path)])
+    stats.main(["summary", *runs, "--out", str(mine), "--overwrite"])
+    assert json.loads(mine.read_text())["n_runs"] == 2
+    stats.main(["compare", *runs, "--n-resamples", "50"])
+    with pytest.raises(SystemExit, match="compare_run_b.json: exists; pass --overwrite"):
+        stats.main(["compare", *runs, "--n-resamples", "50"])
+    with pytest.raises(SystemExit, match="run_a/? are one run"):
+        stats.main(["summary", runs[0], runs[0] + "/"])
+    paths = image_paths(y_true)
+    paths[0] = "Testing/glioma/extra.jpg"
+    write_run(tmp_path / "run_c", paths, y_true, pred_a, np.eye(4)[pred_a])
+    with pytest.raises(SystemExit, match="run_a and .*run_c were evaluated on different images"):
+        stats.main(["summary", *runs, str(tmp_path / "run_c")])
+    predictions = tmp_path / "run_c" / "predictions.csv"
+    predictions.write_text(predictions.read_text()[:500])  # cut inside a row
+    with pytest.raises(SystemExit, match="run_c/predictions.csv: bad label or probability, or a "
+                                         "short row"):
+        stats.main(["compare", runs[0], str(tmp_path / "run_c")])
 
 
 def test_write_run_folder_files_read_back(tmp_path):

@@ -9,11 +9,18 @@
 - Resume: a run killed before its first checkpoint, a longer --epochs.
 - Issue 12: a run on class folders counts the test images with a copy in training (any split).
 - Local OpenAI weights: the -quickgelu model is named.
+- Issue 22 (a hostile new user): --demo replaces only its own run; a failed --overwrite keeps the
+  old run in replaced/ and says so; Ctrl-C names the --resume command and releases the lock;
+  --resume refuses another --out, fewer epochs and changed images, names ignored options, takes a
+  moved --data; a NaN validation loss is never selected; damaged checkpoints stop, named; an
+  unwritable cache stops before the claim, a full one is only read; --eps, --batch-size 1,
+  a missing --pretrained file and offline weights give one-line errors at once.
 """
 import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -78,11 +85,10 @@ def test_damaged_cache_entries_are_recomputed_with_the_same_result(small_dir, ti
 
 
 def test_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
-    def full(obj, f):
-        f.write(b"partial")
+    def full(temporary, path):  # the temporary file is written, its rename fails
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(os, "replace", full)
     with pytest.raises(SystemExit, match=r"checkpoint.pt: cannot write \(No space left"):
         clip_tumor.atomic_save({}, str(tmp_path / "checkpoint.pt"))
     assert os.listdir(tmp_path) == []
@@ -186,7 +192,7 @@ def test_resume_before_the_first_checkpoint_and_with_more_epochs(small_dir, tiny
 
     original = clip_tumor.atomic_save
     monkeypatch.setattr(clip_tumor, "atomic_save", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="Ctrl-C.*--resume"):
         run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--out",
             str(tmp_path / "early"))
     monkeypatch.setattr(clip_tumor, "atomic_save", original)
@@ -229,3 +235,183 @@ def test_class_folder_run_reports_copies_across_its_random_split(tiny_clip_confi
     assert metrics["test_leak_free"]["accuracy"] == pytest.approx(
         sum(row["label"] == row["pred"] for row in kept) / len(kept))
     assert f"{len(leaky)} of {len(rows)} test images have" in (out / "report.txt").read_text()
+
+
+# ---- issue 22: a hostile new user ------------------------------------------------------------
+
+def demo_in(tmp_path, monkeypatch, small_dir):
+    """--demo with its folder in tmp_path and the small dataset as its data (no 300-image write)."""
+    monkeypatch.setattr(clip_tumor, "DEMO_DIR", str(tmp_path / "demo"))
+    os.makedirs(tmp_path / "demo")
+    os.symlink(small_dir, tmp_path / "demo" / "data-v2")
+
+
+def test_demo_replaces_only_its_own_run_and_overwrite_keeps_the_old_one_until_done(
+        small_dir, tiny_clip_config, tmp_path, monkeypatch, capsys, one_thread):
+    """--demo turned --overwrite on: it replaced any run, or a user's files, in --out. Now it
+    replaces only its own earlier demo run; else --overwrite, through replaced/, which keeps the
+    old run (said) when the new one fails, and moves the old model's predictions_*.csv along."""
+    demo_in(tmp_path, monkeypatch, small_dir)
+    out, demo = tmp_path / "mine", ["--demo", "--epochs", "1", "--views", "1"]
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(out))
+    (out / "predictions_scans.csv").write_text("the old model's")
+    with pytest.raises(SystemExit, match="mine: run folder exists; pass --resume"):
+        clip_tumor.main(demo + ["--out", str(out)])
+    def ctrl_c(obj, path):  # in epoch 1
+        raise KeyboardInterrupt
+
+    original = clip_tumor.atomic_save
+    monkeypatch.setattr(clip_tumor, "atomic_save", ctrl_c)
+    with pytest.raises(SystemExit, match=r"stopped \(Ctrl-C\); continue .* --resume .*mine"):
+        clip_tumor.main(demo + ["--out", str(out), "--overwrite"])
+    assert "the earlier run it replaces is kept in" in capsys.readouterr().out
+    assert {"config.json", "metrics.json", "predictions_scans.csv"} <= set(os.listdir(
+        out / "replaced"))
+    assert not (out / ".lock").exists() and not (out / "predictions_scans.csv").exists()
+    monkeypatch.setattr(clip_tumor, "atomic_save", original)
+    clip_tumor.main(demo + ["--out", str(out), "--overwrite"])
+    assert not (out / "replaced").exists()
+    first = clip_tumor.main(demo + ["--out", str(out)])  # its own demo run: replaced
+    assert first["epochs"] == 1 and json.loads((out / "config.json").read_text())["args"]["demo"]
+
+
+def test_resume_refuses_another_out_fewer_epochs_and_changed_images(
+        small_dir, tiny_clip_config, tmp_path, monkeypatch, capsys, one_thread):
+    """--resume A --out B rewrote A; --epochs 1 on a 2-epoch run wrote epochs 1, best epoch 2;
+    images added to --data mixed datasets; --data and other options were ignored silently;
+    relative paths broke a resume from another folder; --demo --resume made it 20 epochs."""
+    dataset = tmp_path / "data"
+    shutil.copytree(small_dir, dataset)
+    monkeypatch.chdir(tmp_path)  # relative --data and --cache-dir
+    first = clip_tumor.main(["--data", "data", "--model", tiny_clip_config, "--pretrained", "none",
+                             "--views", "1", "--val-fraction", "0.25", "--epochs", "2",
+                             "--out", "run", "--cache-dir", "cache"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["args"]["data"] == str(dataset) and config["args"]["cache_dir"] == str(
+        tmp_path / "cache")
+    assert len(config["split"]["test"]) == 20 and "Testing/glioma/glioma_0000.jpg" in config[
+        "split"]["test"]
+    for extra, message in ((["--out", "elsewhere"], "--out elsewhere: a resumed run continues in "
+                                                    "its own folder"),
+                           (["--epochs", "1"], "--epochs 1: the run has done 2: 2 or more")):
+        with pytest.raises(SystemExit, match=message):
+            clip_tumor.main(["--resume", "run", *extra])
+    shutil.copy(dataset / "Testing" / "glioma" / "glioma_0000.jpg",
+                dataset / "Testing" / "glioma" / "new.jpg")
+    with pytest.raises(SystemExit, match=r"dataset changed since the run started \(1 added, 0 "
+                                         r"removed, 0 changed: test/Testing/glioma/new.jpg\)"):
+        clip_tumor.main(["--resume", "run", "--epochs", "3"])
+    os.remove(dataset / "Testing" / "glioma" / "new.jpg")
+    os.rename(dataset, tmp_path / "moved")  # a moved dataset, resumed from another folder
+    monkeypatch.chdir(tmp_path / "moved")
+    capsys.readouterr()
+    resumed = clip_tumor.main(["--resume", str(tmp_path / "run"), "--data", ".", "--epochs", "3",
+                               "--lr", "5"])
+    assert "ignored with --resume (the run keeps its own options): --lr 5.0" in \
+        capsys.readouterr().out
+    assert resumed["epochs"] == 3 and first["best_epoch"] <= resumed["best_epoch"] <= 3
+    demo_in(tmp_path, monkeypatch, small_dir)
+    again = clip_tumor.main(["--demo", "--resume", str(tmp_path / "run"), "--data", "."])
+    assert again["epochs"] == 3  # not the demo's 20
+
+
+def test_a_run_stopped_during_the_cache_build_resumes(small_dir, tiny_clip_config, tmp_path,
+                                                      monkeypatch, one_thread):
+    """config.json was written after the feature cache's build: a run stopped there could not
+    --resume ("no config.json"). It is written first now."""
+    build = data.build_cache
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "build_cache", ctrl_c)
+    with pytest.raises(SystemExit, match="Ctrl-C"):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--out", str(tmp_path / "r"))
+    monkeypatch.setattr(data, "build_cache", build)
+    assert clip_tumor.main(["--resume", str(tmp_path / "r")])["epochs"] == 1
+
+
+def test_a_diverged_or_damaged_run_never_serves_nan(small_dir, tiny_clip_config, tmp_path,
+                                                    monkeypatch, one_thread):
+    """An epoch whose validation loss is NaN was saved as best.pt; a damaged or truncated
+    checkpoint loaded with strict=False (or gave a traceback). Both now stop, naming the file."""
+    import predict
+    original, calls = clip_tumor.predict, []
+
+    def nan_at_epoch_1(inputs, batch_size):
+        logits, loss = original(inputs, batch_size)
+        calls.append(1)
+        return logits, float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(clip_tumor, "predict", nan_at_epoch_1)
+    out = tmp_path / "run"
+    metrics = run(small_dir, tiny_clip_config, tmp_path, "--epochs", "2", "--out", str(out))
+    assert metrics["best_epoch"] == 2
+    monkeypatch.setattr(clip_tumor, "predict", lambda *a: (original(*a)[0], float("nan")))
+    with pytest.raises(SystemExit, match="no epoch had a finite val loss: training diverged"):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--out", str(tmp_path / "n"))
+    assert not (tmp_path / "n" / "best.pt").exists() and not (tmp_path / "n" / ".lock").exists()
+    images = os.path.join(small_dir, "Testing")
+    best, checkpoint = out / "best.pt", out / "checkpoint.pt"
+    saved = clip_tumor.load_checkpoint(str(best))
+    clip_tumor.atomic_save(dict(saved, model=dict(list(saved["model"].items())[1:])), str(best))
+    with pytest.raises(SystemExit, match="best.pt: not the trainable weights of this CLIPClass"):
+        predict.main([str(out), images])  # one weight missing: strict=False skipped it
+    saved["model"] = {k: v.float() * float("nan") for k, v in saved["model"].items()}
+    clip_tumor.atomic_save(saved, str(best))
+    with pytest.raises(SystemExit, match="best.pt: weights that are not finite"):
+        predict.main([str(out), images])
+    stored = bytearray(best.read_bytes())
+    stored[len(stored) // 2] ^= 0xFF
+    best.write_bytes(bytes(stored))
+    with pytest.raises(SystemExit, match="best.pt: missing, damaged or truncated"):
+        predict.main([str(out), images])
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="checkpoint.pt: missing, damaged or truncated"):
+        clip_tumor.main(["--resume", str(out)])
+
+
+def test_an_unwritable_cache_stops_before_the_claim_and_a_full_one_is_only_read(
+        small_dir, tiny_clip_config, tmp_path, monkeypatch, one_thread):
+    """A --cache-dir that cannot be written stopped with a traceback, leaving the claimed run
+    folder with .lock and replaced/; a fully cached read-only one was refused ("free disk")."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="cannot write"):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--cache-dir",
+            str(tmp_path / "file" / "cache"), "--out", str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(tmp_path / "b"))
+    cache, write = str(tmp_path / "cache"), data.stats.atomic_write
+
+    def read_only_cache(path, *args):
+        assert not str(path).startswith(cache), f"wrote {path}"
+        return write(path, *args)
+
+    monkeypatch.setattr(data.stats, "atomic_write", read_only_cache)
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "0", "--out", str(tmp_path / "c"))
+
+
+def test_eps_batch_size_and_weights_are_checked_early(small_dir, tiny_clip_config, tmp_path,
+                                                      monkeypatch, one_thread):
+    """--eps 2.0 was accepted; --batch-size 1 was refused for heads without BatchNorm; a missing
+    --pretrained FILE said "Offline?"; offline, the hub was retried for 51 s."""
+    import huggingface_hub
+    run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--batch-size", "1", "--out",
+        str(tmp_path / "b"))
+    for extra, message in ((["--eps", "2.0"], r"--eps 2.0: in \(0, 1\]"),
+                           (["--head", "mlp", "--batch-size", "1"], "at least 2 for BatchNorm")):
+        with pytest.raises(SystemExit, match=message):
+            run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", *extra)
+    with pytest.raises(SystemExit, match="weights.bin: no such file, nor a tag of clip-tiny"):
+        clip_tumor.load_clip(tiny_clip_config, str(tmp_path / "weights.bin"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def offline(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(clip_tumor.socket, "create_connection", offline)
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: open_clip.factory.
+                        download_pretrained_from_hf("timm/vit_base_patch16_clip_224.openai"))
+    with pytest.raises(SystemExit, match="cannot obtain the weights 'openai' of ViT-B-16"):
+        clip_tumor.load_clip("ViT-B-16", "openai")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
