@@ -148,10 +148,11 @@ def random_blip(**config):
     return BlipForImageTextRetrieval(BlipConfig(**config)).eval(), processor
 
 
-def write_tiny_weights(folder):
-    """The tiny random BLIP and its processor, saved for --weights FOLDER (--demo, the tests)."""
+def write_tiny_weights(folder, make=lambda: random_blip(**TINY_CONFIG)):
+    """The tiny random model and processor make() gives (default: this BLIP), seed 0, saved for
+    --weights FOLDER (--demo, the tests); caption_tumor.py saves its captioner through it too."""
     torch.manual_seed(0)
-    for part in random_blip(**TINY_CONFIG):  # the model, then its processor
+    for part in make():
         part.save_pretrained(folder)
     return folder
 

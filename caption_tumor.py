@@ -33,6 +33,7 @@ import torch.nn as nn
 from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
                           BlipImageProcessor, BlipProcessor)
 
+import blip_tumor
 import clip_tumor
 import data
 import stats
@@ -156,10 +157,7 @@ def random_blip(**config):
 
 def write_tiny_weights(folder):
     """The tiny random captioner and its processor, saved for --weights FOLDER (--demo, tests)."""
-    torch.manual_seed(0)
-    for part in random_blip(**TINY_CONFIG):  # the model, then its processor
-        part.save_pretrained(folder)
-    return folder
+    return blip_tumor.write_tiny_weights(folder, lambda: random_blip(**TINY_CONFIG))
 
 
 def build_model(args):
@@ -362,20 +360,9 @@ def write_run_files(out_dir, metrics, history, rows):
 def run_one(args, build_model, out_dir, recorded=None):
     """One seed: splits, captions, model, feature cache (--train decoder), training, scores; the
     run folder, config (the split: a resume checks it) and checkpoints are clip_tumor.py's."""
-    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
-    checkpoint = clip_tumor.load_checkpoint(checkpoint_path) \
-        if args.resume and os.path.isfile(checkpoint_path) else None
-    device = clip_tumor.check_arguments(args, checkpoint["epoch"] if checkpoint else 0)
-    clip_tumor.set_seed(args.seed)
-    splits = clip_tumor.load_splits(args)
-    split = {name: {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in getattr(
-        splits, name)} for name in ("train", "val", "test")}  # content SHA-1s, read once
+    device, checkpoint, splits, split, model = clip_tumor.start_run(args, build_model, out_dir,
+                                                                    recorded)
     hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
-    if args.resume:
-        stats.check_same_split(recorded, split, out_dir)
-    model = build_model(args).to(device)
-    if checkpoint:
-        clip_tumor.load_checkpoint(checkpoint_path, model)
     captions = read_captions(args, splits.train + splits.val + splits.test)
     started, cached = time.time(), args.train == "decoder" and not args.no_cache
     cache = data.FeatureCache(args.cache_dir, model) if cached else None

@@ -726,24 +726,32 @@ def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, 
                      args.calibrate, notes)
 
 
-def run_one(args, build_model, out_dir, recorded=None):
-    """One seed: splits, model, feature cache, training, evaluation, the run folder (recorded:
-    the split a resumed run started with). Under torchrun rank 0 alone writes and evaluates."""
+def start_run(args, build_model, out_dir, recorded):
+    """(device, checkpoint, splits, {part: {path: content SHA-1}}, model) of a run about to start,
+    every input checked (the options; on --resume the checkpoint and the images it started with,
+    recorded), nothing written yet: shared by run_one and caption_tumor.run_one."""
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.isfile(
         checkpoint_path) else None
     device = check_arguments(args, checkpoint["epoch"] if checkpoint else 0)
-    rank = init_distributed(device)  # 0 without torchrun
     set_seed(args.seed)
     splits = load_splits(args)
     split = {name: {s.path: data.file_hash(os.path.join(args.data, s.path)) for s in getattr(
-        splits, name)} for name in ("train", "val", "test")}  # content SHA-1s, read once
-    hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
+        splits, name)} for name in ("train", "val", "test")}  # SHA-1s read once, for all uses
     if args.resume:
         stats.check_same_split(recorded, split, out_dir)
     model = build_model(args).to(device)
     if checkpoint:
         load_checkpoint(checkpoint_path, model)
+    return device, checkpoint, splits, split, model
+
+
+def run_one(args, build_model, out_dir, recorded=None):
+    """One seed: splits, model, feature cache, training, evaluation, the run folder (recorded:
+    the split a resumed run started with). Under torchrun rank 0 alone writes and evaluates."""
+    device, checkpoint, splits, split, model = start_run(args, build_model, out_dir, recorded)
+    rank = init_distributed(device)  # 0 without torchrun
+    hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
     cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
     selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
                  "test set chose the epoch)") if args.select_on == "test" else "validation split"
