@@ -826,6 +826,7 @@ def run_one(args, build_model, out_dir):
                                         checkpoint, view_ids)
     if rank > 0:  # the other ranks' work is done: rank 0 evaluates and reports
         return None
+    if args.epochs > 0:
         best = torch.load(f"{out_dir}/best.pt", weights_only=True)["model"]
         model.load_state_dict(best, strict=False)
     selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
