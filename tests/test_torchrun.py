@@ -72,8 +72,8 @@ def test_a_killed_rank_ends_the_job_and_resume_finishes_it(small_dir, tiny_clip_
     common = ["--data", small_dir, "--model", tiny_clip_config, "--pretrained", "none",
               "--views", "2", "--batch-size", "4", "--lr", "1e-3",
               "--cache-dir", str(tmp_path / "cache")]
-    whole = clip_tumor.main(common + ["--epochs", "20", "--out", str(tmp_path / "whole")])
-    job = torchrun("clip_tumor.py", common + ["--epochs", "20", "--out", str(tmp_path / "run")],
+    whole = clip_tumor.main(common + ["--epochs", "12", "--out", str(tmp_path / "whole")])
+    job = torchrun("clip_tumor.py", common + ["--epochs", "12", "--out", str(tmp_path / "run")],
                    wait=False)
     while not (tmp_path / "run" / "checkpoint.pt").exists() and job.poll() is None:
         time.sleep(0.05)
