@@ -480,6 +480,8 @@ def main(argv=None):
     if unused:
         raise SystemExit(f"error: --{', --'.join(unused)}: not for captioning (or out of range: "
                          f"--beams 1 or more, --max-length 2 or more)")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # its loop has no DDP: ranks would collide
+        raise SystemExit("error: caption_tumor.py runs as one process, not under torchrun")
     if args.benchmark:
         print(json.dumps(result := benchmark(args)))
         return result

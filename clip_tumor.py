@@ -8,9 +8,10 @@ The method of Swetha & Kumar, "Multimodal Brain Tumor Classification Using BLIP 
 bottom: the model, the feature cache, the training loop, the run. blip_tumor.py and baselines.py
 reuse everything but the model. The frozen blocks run once per image and view (the cache); a step
 runs block 11 on all tokens and block 12 for the CLS query only. Measured (`--benchmark`, ViT-B-16,
-batch 16, 2-core CPU, median of 3 runs): a cached step 82.56 ms per image vs 403.57 ms for the
-full network (4.7x); the stem 263 ms per image and view, once; an FGSM view 785 ms. `--demo`:
-0.983 test accuracy in 28 s. No accuracy with real pretrained weights is measured here (offline).
+batch 16, 2-core CPU, median of 4 runs): a cached step 62.3 ms per image vs 276.0 ms for the
+full network (4.4x); the stem 168 ms per image and view, once; an FGSM view 498 ms. `--demo`:
+0.933 test accuracy in 17 s. No accuracy with real pretrained weights is measured here (offline).
+`torchrun --nproc_per_node N clip_tumor.py ...` trains on N processes or machines (see README).
 """
 import argparse
 import contextlib
