@@ -46,6 +46,9 @@ def load_run(run_dir, device="auto"):
     defaults filling keys an older run lacks; the script's module). A zero-shot run (--epochs 0)
     has no best.pt and needs none."""
     config_path, best_path = (os.path.join(run_dir, name) for name in ("config.json", "best.pt"))
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"error: {config_path}: no such file; pass a run folder made by "
+                         f"clip_tumor.py, blip_tumor.py, baselines.py or caption_tumor.py")
     config = stats.run_config(run_dir)
     try:
         script = importlib.import_module(SCRIPTS[config["args"]["script"]])

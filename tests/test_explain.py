@@ -233,8 +233,12 @@ def test_cnn_predict_reproduces_the_runs_predictions(extra, small_dir, tmp_path)
 
 def test_predict_refuses_a_damaged_run_or_another_class_list(trained_run, synth_dir, tmp_path):
     images = os.path.join(synth_dir, "Testing")
+    with pytest.raises(SystemExit, match="config.json: no such file; pass a run folder"):
+        predict.main([str(tmp_path), images])
+    (tmp_path / "config.json").write_text('{"args": {"seed": 1}}')  # not a training script's
     with pytest.raises(SystemExit, match="config.json: cannot read the run's options"):
         predict.main([str(tmp_path), images])
+    os.remove(tmp_path / "config.json")
     shutil.copytree(trained_run, tmp_path / "killed")  # stopped before its first epoch ended
     os.remove(tmp_path / "killed" / "best.pt")
     with pytest.raises(SystemExit, match="best.pt: not found.*--resume"):
