@@ -455,7 +455,7 @@ def benchmark(args, batch_size=4, rounds=2, caption_tokens=20):
 # ---- command line ------------------------------------------------------------------------------
 
 def build_parser():
-    parser = clip_tumor.make_parser(__doc__)
+    parser = clip_tumor.make_parser(__doc__, EPOCHS)
     a = parser.add_argument
     a("--weights", default=WEIGHTS, help="BlipForConditionalGeneration: hub id or local folder")
     a("--image-size", type=int, default=IMAGE_SIZE, help="input size (MedBLIP 224; checkpoint 384)")
@@ -476,7 +476,8 @@ def main(argv=None):
     unused = [name for name, ok in (("shots", not args.shots), ("calibrate", not args.calibrate),
               ("attack-eval", not args.attack_eval), ("class-weights", not args.class_weights),
               ("adversarial", args.adversarial == "none"), ("loss", args.loss == "ce"),
-              ("beams", args.beams >= 1), ("max-length", args.max_length >= 2)) if not ok]
+              ("beams", args.beams >= 1), ("max-length", args.max_length >= 2),
+              ("trainable-blocks", args.trainable_blocks == clip_tumor.TRAINABLE_BLOCKS)) if not ok]
     if unused:
         raise SystemExit(f"error: --{', --'.join(unused)}: not for captioning (or out of range: "
                          f"--beams 1 or more, --max-length 2 or more)")

@@ -863,7 +863,7 @@ class MovedToPredict(argparse.Action):
                          f"draws heat maps")
 
 
-def make_parser(description):
+def make_parser(description, epochs=EPOCHS):
     """The options every script shares; each script adds its model's options."""
     parser = argparse.ArgumentParser(description=description.split("\n")[0])
     a = parser.add_argument
@@ -874,7 +874,7 @@ def make_parser(description):
       f"{VAL_FRACTION}; with --shots K: K images per class)")
     a("--select-on", choices=["val", "test"], default="val",
       help="split that picks the best epoch; 'test' is the paper's protocol (optimistic)")
-    a("--epochs", type=int, help=f"training epochs (default {EPOCHS}); 0 evaluates zero-shot; "
+    a("--epochs", type=int, help=f"training epochs (default {epochs}); 0 evaluates zero-shot; "
                                   f"with --resume, extends the run")
     a("--trainable-blocks", type=int, default=TRAINABLE_BLOCKS,
       help="vision blocks that train; 0 is a linear probe on frozen features")
@@ -956,7 +956,7 @@ def build_parser():
                         default="cosine", help="cosine: scale x cosine(image, prompts) (paper's "
                         "method); mlp: 768->512->4 on CLS (paper's code); linear: 768->4; "
                         "fusion: MLP on [image, prompt] pairs. --epochs 0 (zero-shot) always "
-                        "uses cosine: the prompts are the only trained head there is")
+                        "uses cosine: nothing is trained, the prompts are the head")
     return parser
 
 

@@ -287,3 +287,12 @@ def test_predict_captions_new_images_and_explains_them(decoder_run):
     written = json.loads((run.parent / "maps" / "explain.json").read_text())
     assert_pointing_game_recomputed(written, options["data"])  # hits and chance, recomputed
     assert len(list((run.parent / "maps").glob("*.png"))) == 12
+
+
+def test_options_that_mean_nothing_for_captions_are_refused(capsys):
+    for option in (["--shots", "3"], ["--trainable-blocks", "0"], ["--beams", "0"]):
+        with pytest.raises(SystemExit, match=f"error: {option[0]}: not for captioning"):
+            caption_tumor.main(["--data", "unused", *option])
+    with pytest.raises(SystemExit):
+        caption_tumor.main(["--help"])
+    assert "training epochs (default 15)" in " ".join(capsys.readouterr().out.split())
