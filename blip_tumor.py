@@ -44,8 +44,9 @@ def cls_only_layer(layer, tokens):
     """layer(tokens)[:, :1] of a BlipEncoderLayer without attention dropout (a test checks 1e-5):
     keys and values from all tokens, the query, attention output and MLP for CLS alone."""
     attn = layer.self_attn
-    query, keys, values = clip_tumor.fused_qkv(attn.qkv, attn.num_heads, layer.layer_norm1(tokens), 1)
-    attended = F.scaled_dot_product_attention(query, keys, values, scale=attn.scale)  # (B, nh, 1, hd)
+    normed = layer.layer_norm1(tokens)                                   # (B, 1 + H*W, D)
+    query, keys, values = clip_tumor.fused_qkv(attn.qkv, attn.num_heads, normed, 1)
+    attended = F.scaled_dot_product_attention(query, keys, values, scale=attn.scale)  # (B,nh,1,hd)
     cls = tokens[:, :1] + attn.projection(attended.transpose(1, 2).flatten(2))
     return cls + layer.mlp(layer.layer_norm2(cls))                       # (B, 1, D)
 
@@ -164,21 +165,30 @@ def build_model(args):
     if args.benchmark:  # full-size BLIP ViT-B/16, random weights: nothing to download
         return BLIPClassifier(*random_blip(), head, "blip-vit-b16", "random", args.image_size,
                               args.trainable_blocks)
-    weights, path = args.weights, os.path.expanduser(args.weights)
+    blip, processor = load_blip(BlipForImageTextRetrieval, args.weights, USED_WEIGHTS[head],
+                                f"--head {head}", WEIGHTS)
+    name = os.path.basename(os.path.normpath(args.weights))  # the folder's name, e.g. blip-tiny
+    return BLIPClassifier(blip, processor, head, name, args.weights, args.image_size,
+                          args.trainable_blocks)
+
+
+def load_blip(model_class, weights, used, user, checkpoint):
+    """(model_class weights, processor) of a hub id or save_pretrained folder, refused when a
+    weight that `user` reads (names starting with `used`) is missing from it: it would start
+    random (e.g. an image-text retrieval checkpoint has no caption decoder)."""
+    path = os.path.expanduser(weights)
     try:
-        blip, info = BlipForImageTextRetrieval.from_pretrained(path, output_loading_info=True)
+        blip, info = model_class.from_pretrained(path, output_loading_info=True)
         processor = BlipProcessor.from_pretrained(path)
     except (OSError, ValueError) as error:  # offline, no such folder, not a BLIP folder, ...
         raise SystemExit(f"error: --weights {weights}: cannot load BLIP ({error!r:.200}); pass a "
-                         f"save_pretrained folder or `hf download {WEIGHTS} --local-dir DIR`")
-    new = sorted(key for key in info["missing_keys"] if key.startswith(USED_WEIGHTS[head]))
+                         f"save_pretrained folder or `hf download {checkpoint} --local-dir DIR`")
+    new = sorted(key for key in info["missing_keys"] if key.startswith(used))
     if new:
-        raise SystemExit(f"error: --weights {weights}: {len(new)} weight(s) that --head {head} "
-                         f"reads are not in it and would start random: {', '.join(new[:10])}; "
-                         f"use an image-text retrieval checkpoint such as {WEIGHTS}")
-    name = os.path.basename(os.path.normpath(weights))  # the folder's name, e.g. blip-tiny
-    return BLIPClassifier(blip, processor, head, name, weights, args.image_size,
-                          args.trainable_blocks)
+        raise SystemExit(f"error: --weights {weights}: {len(new)} weight(s) that {user} reads "
+                         f"are not in it and would start random: {', '.join(new[:10])}; use a "
+                         f"checkpoint such as {checkpoint}")
+    return blip, processor
 
 
 # ---- main --------------------------------------------------------------------------------------

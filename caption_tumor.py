@@ -24,7 +24,6 @@ import csv
 import json
 import os
 import resource
-import shutil
 import time
 
 import numpy as np
@@ -165,18 +164,8 @@ def build_model(args):
     clip_tumor.set_seed(args.seed)
     if args.benchmark:
         return Captioner(*random_blip(), args.train, "blip-base", "random", args.image_size)
-    path = os.path.expanduser(args.weights)
-    try:
-        blip, info = BlipForConditionalGeneration.from_pretrained(path, output_loading_info=True)
-        processor = BlipProcessor.from_pretrained(path)
-    except (OSError, ValueError) as error:  # offline, no such folder, not a BLIP folder, ...
-        raise SystemExit(f"error: --weights {args.weights}: cannot load BLIP ({error!r:.200}); "
-                         f"pass a save_pretrained folder or `hf download {WEIGHTS} --local-dir D`")
-    new = [key for key in info["missing_keys"] if key.startswith(("vision_model", "text_decoder"))]
-    if new:
-        raise SystemExit(f"error: --weights {args.weights}: {len(new)} captioner weight(s) are not "
-                         f"in it and would start random: {', '.join(sorted(new)[:10])}; use a "
-                         f"captioning checkpoint such as {WEIGHTS}")
+    blip, processor = blip_tumor.load_blip(BlipForConditionalGeneration, args.weights, (
+        "vision_model", "text_decoder"), "the captioner", WEIGHTS)
     name = os.path.basename(os.path.normpath(args.weights))
     return Captioner(blip, processor, args.train, name, args.weights, args.image_size)
 
@@ -333,8 +322,8 @@ def train(model, inputs, texts, references, select, args, out_dir, checkpoint=No
 def write_run_files(out_dir, metrics, history, rows):
     """metrics.json, captions.csv (test: path,reference,generated), report.txt, curves.png."""
     stats.write_json(metrics, os.path.join(out_dir, "metrics.json"))
-    stats.atomic_write(os.path.join(out_dir, "captions.csv"), lambda f: csv.writer(f).writerows(
-        [("path", "reference", "generated")] + rows), "w")
+    data.write_csv(os.path.join(out_dir, "captions.csv"),
+                   [("path", "reference", "generated")] + rows)
     keys = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "class_accuracy", "loss")
     lines = [f"{metrics['model']} --train {metrics['train_mode']}, seed {metrics['seed']}, best "
              f"epoch {metrics['best_epoch']} of {metrics['epochs']} (validation CIDEr-D)", "",
@@ -435,15 +424,8 @@ def benchmark(args, batch_size=4, rounds=2, caption_tokens=20):
         timed = {"stem_ms": lambda: torch.no_grad()(model.stem)(pixels),
                  "cached_decoder_ms": lambda: step(lambda: model.caption_loss(tokens, ids, mask)),
                  "full_ms": lambda: step(lambda: model(pixels, ids, mask))}
-        times = {key: [] for key in timed}
         model.train()
-        for _ in range(rounds + 1):  # round 0 warms up the allocator and kernel choice
-            for key, fn in timed.items():
-                started = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - started)
-        ms = {key: round(1000 * float(np.median(t[1:])) / batch_size, 1)
-              for key, t in times.items()}
+        ms = clip_tumor.ms_per_image(timed, rounds, batch_size, digits=1)
         result[f"{size}px"] = dict(ms, full_over_cached=round(ms["full_ms"] /
                                                               ms["cached_decoder_ms"], 2))
         del model, optimizer

@@ -52,7 +52,7 @@ BATCH_SIZE = 16          # "batch size of 16"
 LEARNING_RATE = 3e-4     # "AdamW optimizer with a learning rate of 3e-4"
 WEIGHT_DECAY = 0.01      # "AdamW's default weight decay"
 RESTART_EPOCHS = 5       # "Cosine Annealing Warm Restarts (T_0 = 5 for 5-epoch cycles ..."
-VAL_FRACTION = 0.1       # share of the training images that validates (stratified; not in the paper)
+VAL_FRACTION = 0.1       # share of the training images that validates (stratified; not in paper)
 WARMUP_EPOCHS = 1        # "... following warm-up)": its length is not given; one epoch, linear
 FOCAL_GAMMA = 2.0        # focal loss exponent (the paper names focal loss, not its gamma)
 VIEWS = 4                # view 0 plain + 3 augmented views per training image
@@ -813,6 +813,20 @@ def run(args, build_model, script, one_run=None, epochs=EPOCHS):
 
 # ---- benchmark ---------------------------------------------------------------------------------
 
+def ms_per_image(timed, rounds, batch_size, digits=2):
+    """{name: median ms per image} of the callables timed, each called once a round in turn
+    (a, b, c, a, b, c, ...) so that load from other jobs hits all alike; round 0, which warms up
+    the allocator and kernel choice, is left out."""
+    times = {name: [] for name in timed}
+    for _ in range(rounds + 1):
+        for name, fn in timed.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: round(1000 * float(np.median(t[1:])) / batch_size, digits)
+            for name, t in times.items()}
+
+
 def benchmark(model, batch_size=BATCH_SIZE, repeats=5, pgd_steps=PGD_STEPS):
     """ms per image of the stem, a naive step (whole network), a cached step, a cache read and an
     FGSM view, timed in rounds (a, b, c, a, b, c, ...) so that load from other jobs hits all
@@ -839,14 +853,7 @@ def benchmark(model, batch_size=BATCH_SIZE, repeats=5, pgd_steps=PGD_STEPS):
                                        for i in range(batch_size)],
              "fgsm_view_ms": lambda: attack(model, images, labels, 1, FGSM_EPS, FGSM_EPS)}
     model.train()
-    times = {name: [] for name in timed}
-    for round_ in range(repeats + 1):  # round 0 warms up the allocator and kernel choice
-        for name, fn in timed.items():
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    result = {name: round(1000 * float(np.median(t[1:])) / batch_size, 2)
-              for name, t in times.items()}
+    result = ms_per_image(timed, repeats, batch_size)
     shutil.rmtree(os.path.dirname(cache.dir))
     return dict(result, naive_over_cached=round(result["naive_ms"] / result["cached_ms"], 2),
                 pgd_view_ms_computed=round(pgd_steps * result["fgsm_view_ms"], 2),

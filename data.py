@@ -354,7 +354,8 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
         batches = batches[dist.get_rank()::dist.get_world_size()]
     bad, started = [], time.time()
     model.eval()
-    for start in tqdm(batches, desc="feature cache", unit="batch", disable=not PROGRESS or not todo):
+    for start in tqdm(batches, desc="feature cache", unit="batch",
+                      disable=not PROGRESS or not todo):
         batch, images = todo[start:start + batch_size], {}
         for path in dict.fromkeys(path for path, _, _ in batch):
             try:
@@ -371,7 +372,8 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, bad)
-    bad = [path for path in dict.fromkeys(p for p, _, _ in todo) if any(path in b for b in everyone)]
+    bad = [path for path in dict.fromkeys(p for p, _, _ in todo)
+           if any(path in rank_bad for rank_bad in everyone)]
     if todo and cache is not None:
         print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
               f"({cache.dir})")

@@ -1,7 +1,7 @@
 """Use a trained run: classify (or caption) new images, draw and score explanation maps.
 
-    python predict.py RUN NEW_SCANS            # RUN/predictions_NEW_SCANS.csv: path[,label],pred,p_<class>
-    python predict.py RUN --explain --n 8      # RUN/explain/: overlays, explain.json (pointing game)
+    python predict.py RUN NEW_SCANS        # RUN/predictions_NEW_SCANS.csv: path[,label],pred,p_<c>
+    python predict.py RUN --explain --n 8  # RUN/explain/: overlays, explain.json (pointing game)
 
 Works for the runs of clip_tumor.py, blip_tumor.py, baselines.py and caption_tumor.py (captions,
 the decoder's cross-attention at the class word): RUN/config.json names the
@@ -36,7 +36,7 @@ SCRIPTS = {"clip": "clip_tumor", "blip": "blip_tumor", "cnn": "baselines",  # ar
 # made on patches and upsampled can peak about a patch off the lesion. `chance` uses the same grown
 # box, so the tolerance cannot flatter the comparison.
 POINTING_TOLERANCE = 15 / 224
-BRAIN_THRESHOLD = 0.1          # grey value in [0, 1] above which a pixel is brain (MRI background ~0)
+BRAIN_THRESHOLD = 0.1          # grey in [0, 1] above which a pixel is brain (MRI background ~0)
 
 
 # ---- the run: its model, rebuilt from its own options ------------------------------------------
@@ -141,8 +141,7 @@ def predict_folder(model, options, script, folder, out):
                                   ["pred"] + [f"p_{name}" for name in model.class_names])
     columns = [c for c in range(len(header)) if c != 1 or labelled]  # label: class folders only
     table = [[os.path.relpath(row[0], folder).replace(os.sep, "/"), *row[1:]] for row in rows]
-    stats.atomic_write(out, lambda f: csv.writer(f).writerows(
-        [[row[c] for c in columns] for row in [header] + table]), "w")
+    data.write_csv(out, [[row[c] for c in columns] for row in [header] + table])
     if labelled:  # a caption is right when it names its image's class and no other
         accuracy = stats.caption_class_accuracy(
             [row[2] for row in labelled], [model.class_names.index(row[1]) for row in labelled],
@@ -398,12 +397,12 @@ def explain(model, options, script, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = parser.add_argument
-    a("run", metavar="RUN", help="a run folder made by clip_tumor.py, blip_tumor.py or baselines.py")
-    a("images_dir", metavar="IMAGES_DIR", nargs="?", help="classify every image under it (any depth)")
+    a("run", metavar="RUN", help="a run folder made by a training script (any of the four)")
+    a("images_dir", metavar="IMAGES_DIR", nargs="?", help="classify every image under it")
     a("--explain", action="store_true", help="heat maps of the run's test images (or --images)")
     a("--n", type=int, default=8, help="--explain: images, the most confident right and wrong")
     a("--images", metavar="DIR", help="--explain the images under DIR instead")
-    a("--lesions", metavar="CSV", help="lesion boxes path,x0,y0,x1,y1 (default <images>/lesions.csv)")
+    a("--lesions", metavar="CSV", help="boxes path,x0,y0,x1,y1 (default <images>/lesions.csv)")
     a("--method", choices=["gradcam", "rollout"], help="default: rollout for a ViT, Grad-CAM for "
       "a CNN (last stage; a ViT: the tokens entering its last block)")
     a("--out", help="the CSV (default RUN/predictions_<IMAGES_DIR>.csv) or --explain's folder "

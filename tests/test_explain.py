@@ -40,7 +40,6 @@ import baselines
 import blip_tumor
 import clip_tumor
 import predict
-import stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 

@@ -24,7 +24,6 @@ import os
 import shutil
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
