@@ -24,7 +24,6 @@ import csv
 import json
 import os
 import resource
-import time
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ import blip_tumor
 import clip_tumor
 import data
 import stats
-from clip_tumor import atomic_save, tensor_digest
+from clip_tumor import tensor_digest
 
 # ---- defaults: MedBLIP's choices ---------------------------------------------------------------
 WEIGHTS = "Salesforce/blip-image-captioning-base"  # MedBLIP's BLIP base: hub id or local folder
@@ -260,63 +259,6 @@ def score_captions(generated, references, labels):
                 .caption_class_accuracy(generated, labels, [CLASS_TERMS[c] for c in data.CLASSES]))
 
 
-# ---- training ----------------------------------------------------------------------------------
-
-def train(model, inputs, texts, references, select, args, out_dir, checkpoint=None):
-    """The training loop: AdamW, warm-up and warm restarts, teacher-forced LM loss; the best
-    epoch has the highest CIDEr-D on the selection split (a tie: the lower loss)."""
-    device, cached = model.mean.device, inputs["train"].cache is not None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    state = {"epoch": 0, "best_cider": -1.0, "best_loss": float("inf"), "best_epoch": 0,
-             "history": []}
-    if checkpoint is not None:  # --resume: all the next epoch depends on (weights: run_one)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = {k: checkpoint[k] for k in state}
-    n, history = len(inputs["train"]), state["history"]
-    steps = max(n // args.batch_size, 1)
-    for epoch in range(state["epoch"], args.epochs):
-        started = time.time()
-        # batch order and views come from (seed, epoch) alone, so a resumed run replays them
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        order, views = torch.randperm(n, generator=g).tolist(), torch.randint(
-            0, args.views, (n,), generator=g).tolist()
-        model.train()
-        total_loss, seen = 0.0, 0
-        for step in range(steps):
-            for group in optimizer.param_groups:  # the schedule's value where this step starts
-                group["lr"] = clip_tumor.learning_rate(epoch + step / steps, args.lr,
-                                                       args.warmup_epochs)
-            indices = order[step * args.batch_size:(step + 1) * args.batch_size]
-            batch = inputs["train"].batch(indices, [views[i] for i in indices]).to(device)
-            ids, mask = text_batch(texts["train"], indices, device)
-            loss = model.caption_loss(batch, ids, mask) if cached else model(batch, ids, mask)
-            if not torch.isfinite(loss):  # diverged: stop before NaN reaches any result
-                raise SystemExit(f"error: the loss is {loss.item()} at epoch {epoch + 1}, step "
-                                 f"{step + 1}: training diverged; try a lower --lr than {args.lr}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss, seen = total_loss + loss.item() * len(indices), seen + len(indices)
-        generated, select_loss = caption_split(model, inputs[select], texts[select], args)
-        cider = stats.cider_d(generated, [[reference] for reference in references[select]])
-        history.append({"epoch": epoch + 1, "train_loss": total_loss / seen,
-                        "select_loss": select_loss, "select_cider": cider,
-                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started})
-        if (cider, -select_loss) > (state["best_cider"], -state["best_loss"]):
-            state.update(best_cider=cider, best_loss=select_loss, best_epoch=epoch + 1)
-            atomic_save({"model": clip_tumor.trainable_state(model), "epoch": epoch + 1,
-                         "config": vars(args)}, f"{out_dir}/best.pt")
-        state["epoch"] = epoch + 1
-        atomic_save({"model": clip_tumor.trainable_state(model), "optimizer":
-                     optimizer.state_dict(), **state, "config": vars(args)},
-                    f"{out_dir}/checkpoint.pt")
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {history[-1]['train_loss']:.4f} | "
-              f"{args.select_on} loss {select_loss:.4f} CIDEr-D {cider:.4f} | "
-              f"{history[-1]['seconds']:.1f}s", flush=True)
-    return history, state["best_epoch"]
-
-
 # ---- the run: data -> cache -> train -> captions -> run folder ---------------------------------
 
 def write_run_files(out_dir, metrics, history, rows):
@@ -347,35 +289,38 @@ def write_run_files(out_dir, metrics, history, rows):
 
 
 def run_one(args, build_model, out_dir, recorded=None):
-    """One seed: splits, captions, model, feature cache (--train decoder), training, scores; the
-    run folder, config (the split: a resume checks it) and checkpoints are clip_tumor.py's."""
+    """One seed: splits, captions, model, feature cache (--train decoder), clip_tumor.py's training
+    loop on the LM loss (the best epoch by CIDEr-D), scores; its run folder and checkpoints."""
     device, checkpoint, splits, split, model = clip_tumor.start_run(args, build_model, out_dir,
                                                                     recorded)
     hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
     captions = read_captions(args, splits.train + splits.val + splits.test)
-    started, cached = time.time(), args.train == "decoder" and not args.no_cache
+    cached = args.train == "decoder" and not args.no_cache
     cache = data.FeatureCache(args.cache_dir, model) if cached else None
     with stats.run_folder(out_dir, args.overwrite, args.resume):  # after every input check
         clip_tumor.write_config(args, model, splits, split, [], out_dir)
-        jobs = {s.path: (hashes[s.path], [0]) for s in splits.val + splits.test}
-        jobs.update({s.path: (hashes[s.path], list(range(args.views))) for s in splits.train})
-        bad = data.build_cache(model, cache, jobs, args.data, args.batch_size, args.skip_bad)
+        inputs, _, bad, cache_seconds = clip_tumor.cache_inputs(args, build_model, model, splits,
+                                                                hashes, cache, device)
         if bad:
             clip_tumor.write_config(args, model, splits, split, bad, out_dir)
-        cache_seconds = time.time() - started
-        parts = {name: [s for s in getattr(splits, name) if s.path not in bad]
-                 for name in ("train", "val", "test")}
-        inputs = {name: data.Inputs(samples, hashes, args.data, model, cache)
-                  for name, samples in parts.items()}
-        texts = {name: model.tokenize([captions[s.path] for s in samples]) if samples else None
-                 for name, samples in parts.items()}
-        references = {name: [stats.caption_words(captions[s.path]) for s in samples]
-                      for name, samples in parts.items()}
+        texts = {name: model.tokenize([captions[s.path] for s in part.samples]) if len(part)
+                 else None for name, part in inputs.items()}
+        references = {name: [stats.caption_words(captions[s.path]) for s in part.samples]
+                      for name, part in inputs.items()}
+        select = "test" if args.select_on == "test" else "val"
+
+        def batch_loss(batch, indices):  # teacher forcing; cached: the encoder's stored tokens
+            ids, mask = text_batch(texts["train"], indices, device)
+            return model.caption_loss(batch, ids, mask) if cached else model(batch, ids, mask)
+
+        def cider(part):
+            generated, loss = caption_split(model, part, texts[select], args)
+            return "cider", stats.cider_d(generated, [[r] for r in references[select]]), loss
+
         history, best_epoch = [], 0
         if args.epochs > 0:
-            select = "test" if args.select_on == "test" else "val"
-            history, best_epoch = train(model, inputs, texts, references, select, args, out_dir,
-                                        checkpoint)
+            history, best_epoch = clip_tumor.train(model, inputs["train"], inputs[select], args,
+                                                   out_dir, checkpoint, None, batch_loss, cider)
             clip_tumor.load_checkpoint(f"{out_dir}/best.pt", model)
         metrics = {"model": model.cache_key["model"], "train_mode": args.train, "seed": args.seed,
                    "epochs": args.epochs, "best_epoch": best_epoch, "cached": cached,
@@ -384,14 +329,14 @@ def run_one(args, build_model, out_dir, recorded=None):
                    if history else None, "cache_build_seconds": cache_seconds,
                    "undecodable_skipped": len(bad)}
         generated = {}
-        for name in ("train", "val", "test"):
+        for name, part in inputs.items():
             metrics[name] = None
-            if parts[name]:
-                generated[name], loss = caption_split(model, inputs[name], texts[name], args)
-                metrics[name] = dict(score_captions(generated[name], references[name], inputs[
-                    name].labels.tolist()), loss=loss)
-        rows = list(zip([s.path for s in parts["test"]], references["test"], generated["test"],
-                        strict=True))
+            if len(part):
+                generated[name], loss = caption_split(model, part, texts[name], args)
+                metrics[name] = dict(score_captions(generated[name], references[name],
+                                                    part.labels.tolist()), loss=loss)
+        rows = list(zip([s.path for s in inputs["test"].samples], references["test"],
+                        generated["test"], strict=True))
         write_run_files(out_dir, metrics, history, rows)
     test = metrics["test"]
     print(f"test: class accuracy {test['class_accuracy']:.4f}, BLEU-4 {test['bleu_4']:.4f}, "

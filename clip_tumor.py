@@ -520,9 +520,19 @@ def predict(inputs, batch_size):
     return logits.numpy(), F.cross_entropy(logits, inputs.labels).item() if len(inputs) else 0.0
 
 
-def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, view_ids=None):
-    """The training loop: AdamW, warm-up and warm restarts, best epoch on the selection split;
-    each image's view is drawn from view_ids (default 0 .. --views - 1) every epoch."""
+def accuracy_and_loss(inputs, batch_size):
+    """(accuracy, mean cross-entropy) on view 0 of a split: what picks a classifier's best epoch."""
+    logits, loss = predict(inputs, batch_size)
+    return stats.accuracy(inputs.labels.numpy(), logits.argmax(1)), loss
+
+
+def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, view_ids=None,
+          batch_loss=None, select=None):
+    """The training loop: AdamW, warm-up and warm restarts, the best epoch by the selection split's
+    score (a tie, common on small sets, to the lower loss); each image's view is drawn from view_ids
+    (default 0 .. --views - 1) every epoch. A classifier's loss and accuracy by default; the
+    captioner passes batch_loss(batch, indices) -> its LM loss and select(inputs) -> ("cider",
+    CIDEr-D, loss)."""
     device = model.mean.device
     params = [p for p in model.parameters() if p.requires_grad]  # no weight decay for gains,
     optimizer = torch.optim.AdamW([  # biases and the logit scale, as open_clip's training
@@ -533,8 +543,9 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
         if args.class_weights else None
     loss_fn = make_loss(args.loss, class_weight.to(device) if class_weight is not None else None)
     logits_of = data_parallel(train_inputs)
+    select = select or (lambda inputs: ("accuracy", *accuracy_and_loss(inputs, args.batch_size)))
     save = atomic_save if rank_and_world()[0] == 0 else lambda obj, path: None  # rank 0 writes
-    state = {"epoch": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": 0,
+    state = {"epoch": 0, "best_score": -1.0, "best_loss": math.inf, "best_epoch": 0,
              "history": []}
     if checkpoint is not None:  # --resume: all the next epoch depends on (weights: run_one)
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -565,8 +576,12 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
             if args.adversarial != "none" and train_inputs.cache is None:  # the exact way: attack
                 adversarial = attack(model, batch, labels, *attack_settings(args, args.adversarial))
                 batch, labels = torch.cat([batch, adversarial]), torch.cat([labels, labels])  # 1:1
-            logits = logits_of(batch)
-            loss = loss_fn(logits, labels)
+            if batch_loss is None:
+                logits = logits_of(batch)
+                loss = loss_fn(logits, labels)
+                correct += (logits.argmax(-1) == labels).sum().item()  # a CPU-GPU sync point
+            else:
+                loss = batch_loss(batch, indices)
             if not torch.isfinite(loss):  # diverged: stop before NaN reaches any result
                 raise SystemExit(f"error: the loss is {loss.item()} at epoch {epoch + 1}, step "
                                  f"{step + 1}: training diverged; try a lower --lr than {args.lr}")
@@ -574,28 +589,25 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
             (loss * share).backward()
             optimizer.step()
             seen += len(labels)
-            correct += (logits.argmax(-1) == labels).sum().item()  # a CPU-GPU sync point
             total_loss += loss.item() * len(labels)
         seen, correct, total_loss = sum_over_ranks([seen, correct, total_loss], device)
-        select_logits, select_loss = predict(select_inputs, args.batch_size)
-        select_accuracy = stats.accuracy(select_inputs.labels.numpy(), select_logits.argmax(1))
-        history.append({"epoch": epoch + 1, "train_loss": total_loss / seen,
-                        "train_accuracy": correct / seen, "select_loss": select_loss,
-                        "select_accuracy": select_accuracy, "lr": optimizer.param_groups[0]["lr"],
-                        "seconds": time.time() - started})
-        # best epoch: highest selection accuracy, a tie (common on small sets) to lower loss; finite
-        if math.isfinite(select_loss) and (select_accuracy, -select_loss) > (
-                state["best_accuracy"], -state["best_loss"]):
-            state.update(best_accuracy=select_accuracy, best_loss=select_loss,
-                         best_epoch=epoch + 1)
+        metric, score, select_loss = select(select_inputs)
+        history.append({"epoch": epoch + 1, "train_loss": total_loss / seen, **(
+            {"train_accuracy": correct / seen} if batch_loss is None else {}),
+            "select_loss": select_loss, f"select_{metric}": score,
+            "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started})
+        if math.isfinite(select_loss) and (score, -select_loss) > (state["best_score"],
+                                                                   -state["best_loss"]):
+            state.update(best_score=score, best_loss=select_loss, best_epoch=epoch + 1)
             save({"model": trainable_state(model), "epoch": epoch + 1, "config": vars(args)},
                  f"{out_dir}/best.pt")
         state["epoch"] = epoch + 1
         save({"model": trainable_state(model), "optimizer": optimizer.state_dict(), **state,
               "config": vars(args)}, f"{out_dir}/checkpoint.pt")
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {total_loss / seen:.4f} "
-              f"acc {correct / seen:.4f} | {args.select_on} loss {select_loss:.4f} "
-              f"acc {select_accuracy:.4f} | {history[-1]['seconds']:.1f}s", flush=True)
+        shown = lambda part: " ".join(f"{key.split('_', 1)[1]} {value:.4f}" for key, value
+                                      in history[-1].items() if key.startswith(part))
+        print(f"epoch {epoch + 1}/{args.epochs}: train {shown('train_')} | {args.select_on} "
+              f"{shown('select_')} | {history[-1]['seconds']:.1f}s", flush=True)
     if not state["best_epoch"]:
         raise SystemExit(f"error: no epoch had a finite {args.select_on} loss: training diverged; "
                          f"try a lower --lr than {args.lr}")

@@ -254,7 +254,7 @@ def test_a_killed_run_resumes_to_the_same_result(small_dir, tiny_weights, tmp_pa
               "1", "--max-length", "8", "--epochs", "2", "--lr", "2e-3", "--batch-size", "8",
               "--train", "decoder", "--cache-dir", str(tmp_path / "cache")]
     whole = caption_tumor.main(common + ["--out", str(tmp_path / "whole")])
-    kill_after_first_checkpoint(monkeypatch, caption_tumor)
+    kill_after_first_checkpoint(monkeypatch, clip_tumor)
     with pytest.raises(SystemExit, match=r"stopped \(Ctrl-C\)"):
         caption_tumor.main(common + ["--out", str(tmp_path / "killed")])
     monkeypatch.undo()

@@ -352,8 +352,8 @@ def test_demo_defaults_yield_to_the_options_given(tmp_path, monkeypatch, capsys)
     text = log.out + log.err
     assert data.PROGRESS or "\r" not in text  # a log: no bars
     number = r"(\d+\.\d{4})"
-    line = re.compile(rf"epoch (\d+)/3: train loss {number} acc {number} \| val loss {number} "
-                      rf"acc {number} \| (\d+\.\d)s")
+    line = re.compile(rf"epoch (\d+)/3: train loss {number} accuracy {number} \| "
+                      rf"val loss {number} accuracy {number} \| (\d+\.\d)s")
     printed = [line.fullmatch(row) for row in text.splitlines() if row.startswith("epoch ")]
     assert all(printed) and len(printed) == 3, text
     history = clip_tumor.load_checkpoint(str(out / "checkpoint.pt"))["history"]
