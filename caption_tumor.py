@@ -291,9 +291,8 @@ def write_run_files(out_dir, metrics, history, rows):
 def run_one(args, build_model, out_dir, recorded=None):
     """One seed: splits, captions, model, feature cache (--train decoder), clip_tumor.py's training
     loop on the LM loss (the best epoch by CIDEr-D), scores; its run folder and checkpoints."""
-    device, checkpoint, splits, split, model = clip_tumor.start_run(args, build_model, out_dir,
-                                                                    recorded)
-    hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
+    device, checkpoint, splits, split, hashes, model = clip_tumor.start_run(
+        args, build_model, out_dir, recorded)
     captions = read_captions(args, splits.train + splits.val + splits.test)
     cached = args.train == "decoder" and not args.no_cache
     cache = data.FeatureCache(args.cache_dir, model) if cached else None

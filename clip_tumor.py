@@ -3,15 +3,15 @@
     python clip_tumor.py --data ./merged --seed 42        # the paper's run (ViT-B-16, openai)
     python clip_tumor.py --demo                           # offline: synthetic data, tiny model
     python clip_tumor.py --benchmark                      # speeds at full size, random weights
+    torchrun --nproc_per_node N clip_tumor.py ...         # N processes or machines (README)
 
 The method of Swetha & Kumar, "Multimodal Brain Tumor Classification Using BLIP and CLIP", top to
-bottom: the model, the feature cache, the training loop, the run. blip_tumor.py and baselines.py
-reuse everything but the model. The frozen blocks run once per image and view (the cache); a step
-runs block 11 on all tokens and block 12 for the CLS query only. Measured (`--benchmark`, ViT-B-16,
-batch 16, 2-core CPU, median of 4 runs): a cached step 62.3 ms per image vs 276.0 ms for the
-full network (4.4x); the stem 168 ms per image and view, once; an FGSM view 498 ms. `--demo`:
-0.933 test accuracy in 17 s. No accuracy with real pretrained weights is measured here (offline).
-`torchrun --nproc_per_node N clip_tumor.py ...` trains on N processes or machines (see README).
+bottom: model, feature cache, training loop, run; blip_tumor.py, baselines.py and caption_tumor.py
+reuse all but the model. The frozen blocks run once per image and view (the cache); a step runs
+block 11 on all tokens and block 12 for the CLS query only. Measured (`--benchmark`, ViT-B-16,
+batch 16, 2-core CPU, median of 4 runs): a cached step 62.3 ms per image vs 276.0 ms for the full
+network (4.4x); the stem 168 ms per image and view, once; an FGSM view 498 ms. `--demo`: 0.933
+test accuracy in 17 s. No accuracy with real pretrained weights is measured here (offline).
 """
 import argparse
 import contextlib
@@ -740,9 +740,9 @@ def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, 
 
 
 def start_run(args, build_model, out_dir, recorded):
-    """(device, checkpoint, splits, {part: {path: content SHA-1}}, model) of a run about to start,
-    every input checked (the options; on --resume the checkpoint and the images it started with,
-    recorded), nothing written yet: shared by run_one and caption_tumor.run_one."""
+    """(device, checkpoint, splits, {part: {path: content SHA-1}}, {path: SHA-1}, model) of a run
+    about to start, every input checked (the options; on --resume the checkpoint and the images
+    it started with, recorded), nothing written yet: shared by run_one and caption_tumor.py."""
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.isfile(
         checkpoint_path) else None
@@ -756,21 +756,19 @@ def start_run(args, build_model, out_dir, recorded):
     model = build_model(args).to(device)
     if checkpoint:
         load_checkpoint(checkpoint_path, model)
-    return device, checkpoint, splits, split, model
+    hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
+    return device, checkpoint, splits, split, hashes, model
 
 
 def run_one(args, build_model, out_dir, recorded=None):
     """One seed: splits, model, feature cache, training, evaluation, the run folder (recorded:
     the split a resumed run started with). Under torchrun rank 0 alone writes and evaluates."""
-    device, checkpoint, splits, split, model = start_run(args, build_model, out_dir, recorded)
+    device, checkpoint, splits, split, hashes, model = start_run(args, build_model, out_dir,
+                                                                 recorded)
     rank = init_distributed(device)  # 0 without torchrun
-    hashes = {path: sha1 for part in split.values() for path, sha1 in part.items()}
     cache = None if args.no_cache else data.FeatureCache(args.cache_dir, model)
-    selection = ("test set (paper's protocol: the reported test accuracy is optimistic, the "
-                 "test set chose the epoch)") if args.select_on == "test" else "validation split"
-    folder = stats.run_folder(out_dir, args.overwrite, args.resume) if rank == 0 else \
-        contextlib.nullcontext()  # claimed after every input check
-    with folder:
+    with stats.run_folder(out_dir, args.overwrite, args.resume) if rank == 0 else \
+            contextlib.nullcontext():  # claimed after every input check
         write = write_config if rank == 0 else lambda *_: ""
         adversarial = write(args, model, splits, split, [], out_dir)  # a resume needs it now
         inputs, view_ids, bad, cache_seconds = cache_inputs(args, build_model, model, splits,
@@ -787,6 +785,9 @@ def run_one(args, build_model, out_dir, recorded=None):
                 load_checkpoint(f"{out_dir}/best.pt", model)
         if rank > 0:  # the other ranks are done: rank 0 evaluates and reports
             return None
+        selection = ("test set (paper's protocol: the reported test accuracy is optimistic, "
+                     "the test set chose the epoch)") if args.select_on == "test" else \
+            "validation split"
         metrics = {"model": model.cache_key["model"], "seed": args.seed, "selection": selection,
                    "split": splits.source, "best_epoch": best_epoch, "epochs": args.epochs,
                    "seconds_per_epoch": float(np.median([h["seconds"] for h in history]))
