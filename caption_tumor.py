@@ -6,18 +6,12 @@
     python caption_tumor.py --demo --epochs 0             # zero-shot: the captioner as loaded
     python caption_tumor.py --benchmark                   # ms per image: cached decoder vs full
 
-MedBLIP (Phan et al., ImageCLEFmedical 2024) fine-tunes transformers' BlipForConditionalGeneration
-(Salesforce/blip-image-captioning-base, 224 px, AdamW 1e-5, 15 epochs) with its language-modelling
-loss (teacher forcing) and generates with beam search (no_repeat_ngram_size 3); the ROCO study
-(2025) found full fine-tuning best and decoder-only (encoder frozen) close. Captions come from
-DATA/captions.csv (path,caption; `data.py synth` writes one) or --captions; an image without one
-gets its class's template. Scores (stats.py, as pycocoevalcap): BLEU-1..4, ROUGE-L, CIDEr-D and
-whether the caption names the image's class. The LR schedule is the project's (clip_tumor.py),
-not MedBLIP's StepLR. Measured (`--demo`, tiny random BLIP, 2-core CPU, one thread, seed 42):
-test class accuracy / BLEU-4 0.917 / 0.886 with --train decoder (0.51 s an epoch), 0.983 / 0.905
-with --train full (1.82 s an epoch); zero-shot 0.250 / 0.000. `--benchmark` (random BLIP base,
-224 px, batch 4, 2 threads, two runs): a cached decoder step 714 / 255 ms per image, a full step
-2731 / 986 (3.8x / 3.9x). No real BLIP weights are measured here (offline).
+MedBLIP (Phan et al. 2024) fine-tunes transformers' BlipForConditionalGeneration (blip-image-
+captioning-base, 224 px, AdamW 1e-5, 15 epochs) on its teacher-forced LM loss and writes by beam
+search; the ROCO study (2025) found full fine-tuning best, decoder-only (encoder frozen) close.
+Captions: DATA/captions.csv (path,caption) or --captions, else the class's template. Scores
+(stats.py, = pycocoevalcap): BLEU-1..4, ROUGE-L, CIDEr-D, and whether a caption names the class.
+Training is clip_tumor.py's loop and LR schedule (not MedBLIP's StepLR). Measured: see README.
 """
 import argparse
 import csv
@@ -346,33 +340,30 @@ def run_one(args, build_model, out_dir, recorded=None):
 # ---- benchmark ---------------------------------------------------------------------------------
 
 def benchmark(args, batch_size=4, rounds=2, caption_tokens=20):
-    """ms per image at full size (random BLIP base, 384 px as the checkpoint, 224 as MedBLIP):
-    the vision encoder once (the cache's cost per image and view), a decoder-only step on cached
-    tokens and a full step (both: forward, backward, AdamW), alternating in rounds after one
-    warm-up round so that load from other jobs hits both alike."""
+    """ms per image at full size (random BLIP base; 384 px as the checkpoint, 224 as MedBLIP) of
+    the vision encoder (the cache's cost per image and view), a decoder-only step on its cached
+    tokens and a full step (forward, backward, AdamW), timed by clip_tumor.ms_per_image."""
     result = {}
     for size in (384, 224):
         model = build_model(argparse.Namespace(**dict(vars(args), image_size=size, train="full")))
         pixels = torch.rand(batch_size, 3, size, size)
         ids = torch.randint(10, 1000, (batch_size, caption_tokens))
         mask = torch.ones_like(ids)
-        with torch.no_grad():
-            tokens = model.eval().stem(pixels)
+        tokens = torch.no_grad()(model.eval().stem)(pixels)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)  # a step skips gradless ones
 
         def step(loss):
             optimizer.zero_grad(set_to_none=True)
-            loss().backward()
+            loss.backward()
             optimizer.step()
 
         timed = {"stem_ms": lambda: torch.no_grad()(model.stem)(pixels),
-                 "cached_decoder_ms": lambda: step(lambda: model.caption_loss(tokens, ids, mask)),
-                 "full_ms": lambda: step(lambda: model(pixels, ids, mask))}
+                 "cached_decoder_ms": lambda: step(model.caption_loss(tokens, ids, mask)),
+                 "full_ms": lambda: step(model(pixels, ids, mask))}
         model.train()
         ms = clip_tumor.ms_per_image(timed, rounds, batch_size, digits=1)
         result[f"{size}px"] = dict(ms, full_over_cached=round(ms["full_ms"] /
                                                               ms["cached_decoder_ms"], 2))
-        del model, optimizer
     return dict(result, batch_size=batch_size, rounds=rounds, caption_tokens=caption_tokens,
                 threads=torch.get_num_threads(),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
