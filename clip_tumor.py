@@ -436,13 +436,6 @@ def rank_slice(indices, labels, class_weight):
     return mine, world * weight(labels[mine]) / weight(labels[indices])
 
 
-def sum_over_ranks(numbers, device):
-    total = torch.tensor(numbers, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return total.tolist()
-
-
 # ---- training ----------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
@@ -590,7 +583,10 @@ def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, vi
             optimizer.step()
             seen += len(labels)
             total_loss += loss.item() * len(labels)
-        seen, correct, total_loss = sum_over_ranks([seen, correct, total_loss], device)
+        totals = torch.tensor([seen, correct, total_loss], dtype=torch.float64, device=device)
+        if dist.is_initialized():  # the epoch's numbers over every rank's images
+            dist.all_reduce(totals)
+        seen, correct, total_loss = totals.tolist()
         metric, score, select_loss = select(select_inputs)
         history.append({"epoch": epoch + 1, "train_loss": total_loss / seen, **(
             {"train_accuracy": correct / seen} if batch_loss is None else {}),
@@ -721,24 +717,6 @@ def write_config(args, model, splits, split, bad, out_dir):
     return adversarial
 
 
-def evaluate_and_report(args, model, inputs, source, metrics, history, out_dir, notes):
-    """Every split's predictions, the attacks (--attack-eval), the copies between train and test
-    (whatever the split), then metrics.json, predictions.csv, report.txt and figures."""
-    outputs = {name: (predict(part, args.batch_size)[0], part.labels.numpy())
-               for name, part in inputs.items() if len(part)}  # (logits, labels)
-    if args.attack_eval:  # the chosen model under attack: the full network on [0, 1] pixels
-        metrics.update(attacked_accuracy(model, inputs["test"], args))
-    test_paths = [s.path for s in inputs["test"].samples]
-    leaky = data.test_paths_with_train_copy(
-        args.data, [s.path for name in ("train", "val") for s in inputs[name].samples],
-        test_paths, args.cache_dir, inputs["test"].hashes)  # SHA-1s read once, by cache_inputs
-    if leaky and source != "official" and not args.split:
-        print("note: train and test share copies of images; `python data.py split "
-              "--leak-free` writes a split that keeps each group of copies in one part")
-    stats.report_run(out_dir, metrics, outputs, test_paths, leaky, model.class_names, history,
-                     args.calibrate, notes)
-
-
 def start_run(args, build_model, out_dir, recorded):
     """(device, checkpoint, splits, {part: {path: content SHA-1}}, {path: SHA-1}, model) of a run
     about to start, every input checked (the options; on --resume the checkpoint and the images
@@ -794,9 +772,21 @@ def run_one(args, build_model, out_dir, recorded=None):
                    if history else None, "cache_build_seconds": cache_seconds,
                    "cached": not args.no_cache, "undecodable_skipped": len(bad),
                    "adversarial_training": adversarial, "val": None}
+        outputs = {name: (predict(part, args.batch_size)[0], part.labels.numpy())
+                   for name, part in inputs.items() if len(part)}  # (logits, labels)
+        if args.attack_eval:  # the chosen model under attack: the full network on [0, 1] pixels
+            metrics.update(attacked_accuracy(model, inputs["test"], args))
+        test_paths = [s.path for s in inputs["test"].samples]  # and their copies in training:
+        leaky = data.test_paths_with_train_copy(  # whatever the split (SHA-1s read once)
+            args.data, [s.path for name in ("train", "val") for s in inputs[name].samples],
+            test_paths, args.cache_dir, hashes)
+        if leaky and splits.source != "official" and not args.split:
+            print("note: train and test share copies of images; `python data.py split "
+                  "--leak-free` writes a split that keeps each group of copies in one part")
         notes = f"{len(bad)} undecodable image(s) skipped (--skip-bad): {', '.join(bad)}" if bad \
             else ""
-        evaluate_and_report(args, model, inputs, splits.source, metrics, history, out_dir, notes)
+        stats.report_run(out_dir, metrics, outputs, test_paths, leaky, model.class_names, history,
+                         args.calibrate, notes)
         if cache is not None and cache.damaged:
             print(f"feature cache: {cache.damaged} damaged entries (checksum mismatch) "
                   f"recomputed in {cache.dir}")
@@ -930,9 +920,8 @@ def make_parser(description, epochs=EPOCHS):
     a("--amp", action="store_true", help="bfloat16 autocast in training (CUDA only)")
     a("--benchmark", action="store_true", help="time the steps at full size, random weights")
     a("--demo", action="store_true", help="offline demo: synthetic data, tiny random model")
-    for moved in ("--predict", "--run", "--explain", "--n", "--images", "--explain-method",
-                  "--lesions"):  # one way to use a trained run: predict.py
-        a(moved, nargs="?", action=MovedToPredict, help=argparse.SUPPRESS)
+    a("--predict", "--run", "--explain", "--n", "--images", "--explain-method", "--lesions",
+      nargs="?", action=MovedToPredict, help=argparse.SUPPRESS)  # one way: predict.py
     return parser
 
 
