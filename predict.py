@@ -22,7 +22,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import clip_tumor
@@ -348,8 +347,8 @@ def explain(model, options, script, args, out_dir):
                 for batch, batch_classes in zip(batches, classes.split(options.batch_size))]
         preds = [model.class_names[c] for c in classes]
         said = [f"p = {p:.3f}" for p in probs.max(1).values.tolist()]
-    maps = F.interpolate(torch.from_numpy(np.concatenate(maps))[:, None].float(), size=size,
-                         mode="bilinear")[:, 0].numpy()
+    maps = torch.nn.functional.interpolate(torch.from_numpy(np.concatenate(maps))[:, None].float(),
+                                           size=size, mode="bilinear")[:, 0].numpy()
     remove_earlier_maps(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     records, scored = [], []
