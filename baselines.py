@@ -50,7 +50,7 @@ class CNNClassifier(clip_tumor.FrozenStem):
         n_frozen = names.index(train_from) if train_from else 0
         self.frozen_stages, self.trainable_stages = stages[:n_frozen], stages[n_frozen:]
         self.frozen_parts = [stage for _, stage in self.frozen_stages]  # BatchNorm statistics kept
-        stem = nn.Sequential(*[stage for _, stage in self.frozen_stages]).requires_grad_(False)
+        stem = nn.Sequential(*self.frozen_parts).requires_grad_(False)
         self.cache_key = {"model": name, "weights": weights, "stem_stages": names[:n_frozen],
                           "image_size": image_size, "mean": list(mean), "std": list(std),
                           "architecture": repr(stem), "frozen_digest": clip_tumor.tensor_digest(

@@ -71,8 +71,9 @@ class BLIPClassifier(clip_tumor.FrozenStem):
         shape = (1, 1 + (image_size // embeddings.patch_size) ** 2, width)  # (1, 1 + H*W, D)
         table = embeddings.interpolate_pos_encoding(torch.zeros(shape), image_size, image_size)
         embeddings.position_embedding = nn.Parameter(table.detach(), requires_grad=False)
-        split = len(layers) - trainable_blocks
-        self.stem_layers, self.top_layers = layers[:split], layers[split:]
+        split = len(layers) - trainable_blocks  # trainable: the last blocks, post-LayerNorm, head
+        self.stem_layers, self.top_layers = layers[:split], layers[split:].requires_grad_(True)
+        vision.post_layernorm.requires_grad_(True)
         self.frozen_parts = [embeddings, self.stem_layers]  # a plain list: registered in vision
         self.cache_key = {  # what the stem reads, nothing a head trains: one cache for all heads
             "model": name, "weights": weights, "stem_blocks": split, "image_size": image_size,
@@ -86,8 +87,6 @@ class BLIPClassifier(clip_tumor.FrozenStem):
         with torch.no_grad():  # ITC prompt embeddings (C, E): text encoder CLS -> text_proj
             text = blip.text_encoder(self.prompt_ids, self.prompt_mask).last_hidden_state[:, 0]
             self.register_buffer("class_prompts", F.normalize(blip.text_proj(text), dim=-1))
-        self.top_layers.requires_grad_(True)  # trainable: the last blocks, post-LayerNorm, head
-        vision.post_layernorm.requires_grad_(True)
         if head == "cosine":  # BLIP's ITC temperature is not in the checkpoint: 1 / 0.07 to start
             self.vision_proj = blip.vision_proj.requires_grad_(True)
             self.logit_scale = nn.Parameter(torch.tensor(blip.config.logit_scale_init_value))
@@ -110,10 +109,9 @@ class BLIPClassifier(clip_tumor.FrozenStem):
     def top(self, tokens):
         """Stem tokens -> (B, C) logits; the last block runs for CLS alone (not for --head itm,
         which cross-attends to every image token)."""
-        cls_only = self.head_type != "itm"
         for i, layer in enumerate(self.top_layers, start=1):
-            last = i == len(self.top_layers)
-            tokens = cls_only_layer(layer, tokens) if last and cls_only else layer(tokens)
+            cls_only = i == len(self.top_layers) and self.head_type != "itm"
+            tokens = cls_only_layer(layer, tokens) if cls_only else layer(tokens)
         return self.classify(self.vision.post_layernorm(tokens))
 
     def attention_blocks(self):

@@ -3,12 +3,11 @@
     python predict.py RUN NEW_SCANS        # RUN/predictions_NEW_SCANS.csv: path[,label],pred,p_<c>
     python predict.py RUN --explain --n 8  # RUN/explain/: overlays, explain.json (pointing game)
 
-Works for the runs of clip_tumor.py, blip_tumor.py, baselines.py and caption_tumor.py (captions,
-the decoder's cross-attention at the class word): RUN/config.json names the
-script that trained it (`args.script`), whose build_model rebuilds the model from the run's own
-options; best.pt's weights are loaded and the run's own path is taken (a cached stem's output is
-rounded to fp16 as the cache stores it), so on the run's test images this gives predictions.csv
-exactly (tested). No training script imports this file.
+Works for the runs of all four training scripts (caption_tumor.py's: captions, and the decoder's
+cross-attention at the class word). RUN/config.json names the script (`args.script`); its
+build_model rebuilds the model from the run's options, best.pt's weights are loaded and the run's
+own path is taken (a cached stem's output rounded to fp16, as the cache stores it), so on the
+run's test images this gives predictions.csv exactly (tested). No training script imports this.
 
 Maps, hand-written and checked: Grad-CAM (= pytorch-grad-cam, 1e-4) on a CNN's last stage or the
 tokens entering a ViT's last block; attention rollout (attentions = transformers', 1e-5). The
@@ -23,15 +22,14 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import clip_tumor
 import data
 import stats
 
-SCRIPTS = {"clip": "clip_tumor", "blip": "blip_tumor", "cnn": "baselines",  # args.script ->
-           "caption": "caption_tumor"}                                      # its module
+SCRIPTS = {"clip": "clip_tumor", "blip": "blip_tumor", "cnn": "baselines",  # args.script: module
+           "caption": "caption_tumor"}
 # Pointing game tolerance: 15 pixels at 224 (Zhang et al. 2018), scaled with the input size: a map
 # made on patches and upsampled can peak about a patch off the lesion. `chance` uses the same grown
 # box, so the tolerance cannot flatter the comparison.
@@ -42,9 +40,8 @@ BRAIN_THRESHOLD = 0.1          # grey in [0, 1] above which a pixel is brain (MR
 # ---- the run: its model, rebuilt from its own options ------------------------------------------
 
 def load_run(run_dir, device="auto"):
-    """(the run's model with best.pt's weights, in eval mode; its options, the training script's
-    defaults filling keys an older run lacks; the script's module). A zero-shot run (--epochs 0)
-    has no best.pt and needs none."""
+    """(model with best.pt's weights, in eval mode; options, the script's defaults filling keys an
+    older run lacks; the script's module). A zero-shot run (--epochs 0) has no best.pt."""
     config_path, best_path = (os.path.join(run_dir, name) for name in ("config.json", "best.pt"))
     if not os.path.isfile(config_path):
         raise SystemExit(f"error: {config_path}: no such file; pass a run folder made by "
@@ -67,9 +64,9 @@ def load_run(run_dir, device="auto"):
                if rebuilt.get(key) != config["model_key"].get(key)]
     if changed or list(model.class_names) != config["classes"]:
         raise SystemExit(f"error: {config_path}: classes {config['classes']}, model "
-                         f"{config['model_key']['model']}; the model rebuilt from its options "
-                         f"has classes {list(model.class_names)} and differs in {changed}: use "
-                         f"the weights and class list the run was trained with")
+                         f"{config['model_key']['model']}; rebuilt from its options: classes "
+                         f"{list(model.class_names)}, differing in {changed}; use the weights "
+                         f"and class list the run was trained with")
     if options.epochs:  # checked: its SHA-1, exactly the trainable weights, finite
         clip_tumor.load_checkpoint(best_path, model)
     return model.to(clip_tumor.pick_device(options)).eval(), options, script
@@ -136,12 +133,11 @@ def predict_folder(model, options, script, folder, out):
                          *(f"{x:.6f}" for x in p.tolist())])
     rows += [[path, "", "undecodable"] + [""] * (not captioner and model.n_classes)
              for path in bad]
-    labelled = [row for row in rows if row[1]]
+    labelled = [row for row in rows if row[1]]  # a label column only when there are class folders
     header = ["path", "label"] + (["caption"] if captioner else
                                   ["pred"] + [f"p_{name}" for name in model.class_names])
-    columns = [c for c in range(len(header)) if c != 1 or labelled]  # label: class folders only
     table = [[os.path.relpath(row[0], folder).replace(os.sep, "/"), *row[1:]] for row in rows]
-    data.write_csv(out, [[row[c] for c in columns] for row in [header] + table])
+    data.write_csv(out, [row[:1] + row[1 if labelled else 2:] for row in [header] + table])
     if labelled:  # a caption is right when it names its image's class and no other
         accuracy = stats.caption_class_accuracy(
             [row[2] for row in labelled], [model.class_names.index(row[1]) for row in labelled],
@@ -154,15 +150,23 @@ def predict_folder(model, options, script, folder, out):
 
 # ---- explanation maps: Grad-CAM and attention rollout ------------------------------------------
 
-def keep_tokens(module, where, captured):
-    """Hook appending module's output, or its first input (hidden_states, maybe a keyword in
-    transformers' BLIP layers), to captured; returns the handle to remove."""
-    def keep(module, args, kwargs, output=None):
-        captured.append(output if where == "output" else args[0] if args else
-                        kwargs["hidden_states"])
-    if where == "output":
-        return module.register_forward_hook(keep, with_kwargs=True)
-    return module.register_forward_pre_hook(keep, with_kwargs=True)
+def run_keeping(model, images, layers):
+    """(model(images), [what layers saw, in call order]): for each (module, where) of layers, the
+    module's output, or its first input when where is "input"."""
+    captured = []
+
+    def keep_input(module, args, kwargs):  # hidden_states: maybe a keyword in transformers' BLIP
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    handles = [module.register_forward_hook(lambda module, args, output: captured.append(output))
+               if where == "output" else
+               module.register_forward_pre_hook(keep_input, with_kwargs=True)
+               for module, where in layers]
+    try:
+        return model(images), captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def patch_grid(tokens):
@@ -176,13 +180,8 @@ def grad_cam(model, images, classes):
     A (B, K, h, w) = the activations model.explain_layer() names (a ViT: the patch tokens entering
     its last block); w_k = mean over positions of d logit[class] / d A_k; map = ReLU(sum_k w_k A_k).
     The full forward runs with images.requires_grad, so a frozen stem's A is in the graph."""
-    module, where = model.explain_layer()
-    captured = []
-    handle = keep_tokens(module, where, captured)
-    try:
-        logits = model(images.detach().requires_grad_(True))
-    finally:
-        handle.remove()
+    logits, captured = run_keeping(model, images.detach().requires_grad_(True),
+                                   [model.explain_layer()])
     activations = captured[0]
     gradients, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), activations)
     if activations.dim() == 3:  # ViT tokens
@@ -205,6 +204,7 @@ def attention_probabilities(block, tokens):
     return (query @ keys.transpose(-2, -1) * attn.scale).softmax(-1)
 
 
+@torch.no_grad()
 def attention_rollout(model, images):
     """(B, h, w) attention rollout (Abnar & Zuidema 2020): per block the head-averaged attention
     A (B, T, T), the residual added as (A + I) / 2 with rows renormalised, multiplied over the
@@ -213,18 +213,11 @@ def attention_rollout(model, images):
     if not blocks:
         raise SystemExit("error: --method rollout: this model has no attention blocks (a CNN); "
                          "use --method gradcam")
-    inputs = []
-    handles = [keep_tokens(block, "input", inputs) for block in blocks]
-    with torch.no_grad():
-        try:
-            model(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-        rollout = identity = torch.eye(inputs[0].shape[1], device=inputs[0].device)  # (T, T)
-        for block, tokens in zip(blocks, inputs):
-            attention = attention_probabilities(block, tokens).mean(1) + identity  # (B, T, T)
-            rollout = attention / attention.sum(-1, keepdim=True) @ rollout
+    _, inputs = run_keeping(model, images, [(block, "input") for block in blocks])
+    rollout = identity = torch.eye(inputs[0].shape[1], device=inputs[0].device)  # (T, T)
+    for block, tokens in zip(blocks, inputs):
+        attention = attention_probabilities(block, tokens).mean(1) + identity  # (B, T, T)
+        rollout = attention / attention.sum(-1, keepdim=True) @ rollout
     return patch_grid(rollout[:, :1].transpose(1, 2))[:, 0].cpu().numpy()  # CLS row (B, h, w)
 
 
@@ -283,104 +276,97 @@ def read_lesion_boxes(csv_path):
 
 
 def explain_paths(model, run_dir, n):
-    """The run's test images to explain: per class, in turn, the most confident right and the
-    most confident wrong, n in all (a captioning run: per class in turn, in captions.csv order)."""
+    """n of the run's test images to explain, from queues in turn: per class the most confident
+    right and the most confident wrong (a captioning run: per class, in captions.csv order)."""
     if os.path.isfile(os.path.join(run_dir, "captions.csv")):
         with open(os.path.join(run_dir, "captions.csv"), newline="") as f:
             paths = [row["path"] for row in csv.DictReader(f)]
-        by_class = [[p for p in paths if folder_label(p) == c] for c in model.class_names]
-        return [queue[k] for k in range(len(paths)) for queue in by_class if k < len(queue)][:n]
-    paths, y_true, y_pred, probs, _ = stats.read_predictions(
-        os.path.join(run_dir, "predictions.csv"))
-    confident = np.argsort(-probs.max(1), kind="stable")  # most confident first
-    queues = [[i for i in confident if y_true[i] == c and (y_pred[i] == c) == right]
-              for c in range(model.n_classes) for right in (True, False)]
-    order = [queue[k] for k in range(len(paths)) for queue in queues if k < len(queue)]
-    return [paths[i] for i in order[:n]]
+        queues = [[path for path in paths if folder_label(path) == c] for c in model.class_names]
+    else:
+        paths, y_true, y_pred, probs, _ = stats.read_predictions(
+            os.path.join(run_dir, "predictions.csv"))
+        confident = np.argsort(-probs.max(1), kind="stable")  # most confident first
+        queues = [[paths[i] for i in confident if y_true[i] == c and (y_pred[i] == c) == right]
+                  for c in range(model.n_classes) for right in (True, False)]
+    return [queue[k] for k in range(len(paths)) for queue in queues if k < len(queue)][:n]
 
 
 def remove_earlier_maps(out_dir):
     """--overwrite: the overlays an earlier call listed in explain.json go, nothing else."""
     earlier = os.path.join(out_dir, "explain.json")
-    if not os.path.isfile(earlier):
-        return
-    try:
-        with open(earlier) as f:
-            overlays = [record["overlay"] for record in json.load(f)["images"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SystemExit(f"error: {earlier}: cannot read which maps it wrote ({error}); pass "
-                         f"another --out")
-    for overlay in overlays:
-        if os.path.isfile(os.path.join(out_dir, overlay)):
-            os.remove(os.path.join(out_dir, overlay))
+    if os.path.isfile(earlier):
+        try:
+            with open(earlier) as f:
+                overlays = [os.path.join(out_dir, record["overlay"])
+                            for record in json.load(f)["images"]]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"error: {earlier}: cannot read which maps it wrote ({error}); pass "
+                             f"another --out")
+        for overlay in filter(os.path.isfile, overlays):
+            os.remove(overlay)
 
 
-def explain(model, options, script, args):
-    """Heat maps of the predicted class for --n test images (explain_paths) or for the images
-    under --images: overlays and explain.json in RUN/explain/ (or --out), with the pointing game
-    where lesions are known (lesions.csv beside the images, or --lesions)."""
+def explain(model, options, script, args, out_dir):
+    """Heat maps of the predicted class for --n test images (explain_paths) or the images under
+    --images: overlays and explain.json in out_dir, with the pointing game where lesions are known
+    (lesions.csv beside the images, or --lesions)."""
     root, size = args.images or options.data, model.image_size
     if not args.images and not os.path.isdir(root or ""):
         raise SystemExit(f"error: {root}: the run's data folder is gone; pass --images DIR (and "
                          f"--lesions CSV to score the maps)")
     paths = [os.path.relpath(path, root) for path in images_under(root)] if args.images else \
         explain_paths(model, args.run, args.n)
-    out_dir = args.out or os.path.join(args.run, "explain")
     images, undecodable = decode_images(paths, root)
-    paths, images = list(images), list(images.values())
     if not images:
         raise SystemExit(f"error: {root}: no image to explain could be decoded")
     lesions = args.lesions or os.path.join(root, "lesions.csv")
     boxes = read_lesion_boxes(lesions) if args.lesions or os.path.isfile(lesions) else {}
-    sizes = {path: image.size for path, image in zip(paths, images)}  # (width, height)
     for line, (path, box) in enumerate(boxes.items(), start=2):  # a row each, in file order
-        if path in sizes and (box[2] > sizes[path][0] or box[3] > sizes[path][1]):
+        if path in images and (box[2] > images[path].width or box[3] > images[path].height):
             raise SystemExit(f"error: {lesions}:{line}: box {box} lies outside {path} "
-                             f"({sizes[path][0]} x {sizes[path][1]}); fix the row")
+                             f"({images[path].width} x {images[path].height}); fix the row")
     if boxes:  # rows for other images are expected (--n of the test images), none is suspect
-        print(f"lesions: {sum(path in boxes for path in paths)} of the {len(paths)} images have "
+        print(f"lesions: {sum(path in boxes for path in images)} of the {len(images)} images have "
               f"a box in {lesions} (paths relative to {root})")
-    pixels = torch.stack([data.image_view(image, None, 0, size) for image in images])
+    pixels = torch.stack([data.image_view(image, None, 0, size) for image in images.values()])
+    batches = pixels.split(options.batch_size)  # one at a time: Grad-CAM keeps a batch's graph
     if options.script == "caption":  # the decoder's cross-attention where it names the class
-        method, maps, said = "cross-attention", [], []
-        for k in range(0, len(pixels), options.batch_size):
-            batch_maps, captions = script.cross_attention_maps(
-                model, pixels[k:k + options.batch_size], options)
-            maps, said = maps + [torch.from_numpy(batch_maps)], said + captions
+        method, explained = "cross-attention", "the step that wrote the class word"
+        maps, captions = zip(*(script.cross_attention_maps(model, batch, options)
+                               for batch in batches))
+        said = [caption for batch_captions in captions for caption in batch_captions]
         preds = [next((c for c in model.class_names if any(f" {t} " in f" {caption} " for t in
                        script.CLASS_TERMS[c])), "none") for caption in said]
     else:
         method = args.method or ("rollout" if model.attention_blocks() else "gradcam")
+        explained, device = "predicted class", model.mean.device
         probs = run_probabilities(model, options, pixels)                # (N, C)
-        classes = probs.argmax(1).to(model.mean.device)
-        maps = []
-        for k in range(0, len(pixels), options.batch_size):  # Grad-CAM keeps a batch's graph
-            batch = pixels[k:k + options.batch_size].to(model.mean.device)
-            maps.append(torch.from_numpy(grad_cam(model, batch, classes[k:k + len(batch)])
-                        if method == "gradcam" else attention_rollout(model, batch)))
+        classes = probs.argmax(1)
+        maps = [grad_cam(model, batch.to(device), batch_classes.to(device))
+                if method == "gradcam" else attention_rollout(model, batch.to(device))
+                for batch, batch_classes in zip(batches, classes.split(options.batch_size))]
         preds = [model.class_names[c] for c in classes]
         said = [f"p = {p:.3f}" for p in probs.max(1).values.tolist()]
-    maps = F.interpolate(torch.cat(maps)[:, None].float(), size=size, mode="bilinear")[:, 0].numpy()
+    maps = torch.nn.functional.interpolate(torch.from_numpy(np.concatenate(maps))[:, None].float(),
+                                           size=size, mode="bilinear")[:, 0].numpy()
     remove_earlier_maps(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     records, scored = [], []
-    for k, (path, image) in enumerate(zip(paths, images)):
-        box = boxes.get(path)  # the written image's pixels -> the model's input pixels
-        if box:
-            scale = (image.width, image.height) * 2  # whole-number arithmetic: no rounding drift
-            box = tuple(v * size // side if k < 2 else -(-v * size // side)  # x1, y1 outside
-                        for k, (v, side) in enumerate(zip(box, scale)))
+    for k, (path, image) in enumerate(images.items()):
+        box = boxes.get(path)
+        if box:  # to the model's input pixels, in whole numbers (no rounding drift); x1, y1 up
+            (x0, y0, x1, y1), (width, height) = box, image.size
+            box = (x0 * size // width, y0 * size // height, -(-x1 * size // width),
+                   -(-y1 * size // height))
             scored.append((maps[k], box, pixels[k].mean(0).numpy() > BRAIN_THRESHOLD))
         y, x = np.unravel_index(np.argmax(maps[k]), maps[k].shape)
         overlay = f"{k:02d}_{os.path.splitext(os.path.basename(path))[0]}.png"
         records.append({"path": path, "label": folder_label(path), "box": box, "argmax_xy": [x, y],
                         "pred": preds[k], "said": said[k], "overlay": overlay})
-        title = f"{path}\ntrue {records[-1]['label'] or 'unknown'}, predicted {preds[k]} " \
-                f"({said[k]})"
+        title = f"{path}\ntrue {folder_label(path) or 'unknown'}, predicted {preds[k]} ({said[k]})"
         plot_explanation(pixels[k], maps[k], title, os.path.join(out_dir, overlay), box)
-    result = {"run": args.run, "method": method, "explained": "predicted class" if method !=
-              "cross-attention" else "the step that wrote the class word",
-              "image_size": size, "images": records, "undecodable": undecodable}
+    result = {"run": args.run, "method": method, "explained": explained, "image_size": size,
+              "images": records, "undecodable": undecodable}
     if scored:  # tolerance in the model's input pixels
         tolerance = POINTING_TOLERANCE * size
         hit, chance = pointing_game(*zip(*scored), tolerance)
@@ -403,12 +389,9 @@ def main(argv=None):
     a("--n", type=int, default=8, help="--explain: images, the most confident right and wrong")
     a("--images", metavar="DIR", help="--explain the images under DIR instead")
     a("--lesions", metavar="CSV", help="boxes path,x0,y0,x1,y1 (default <images>/lesions.csv)")
-    a("--method", choices=["gradcam", "rollout"], help="default: rollout for a ViT, Grad-CAM for "
-      "a CNN (last stage; a ViT: the tokens entering its last block)")
-    a("--out", help="the CSV (default RUN/predictions_<IMAGES_DIR>.csv) or --explain's folder "
-                    "(default RUN/explain/)")
-    a("--overwrite", action="store_true", help="replace the CSV, or the maps an earlier "
-                                               "--explain wrote (other files stay)")
+    a("--method", choices=["gradcam", "rollout"], help="default: rollout (ViT), Grad-CAM (CNN)")
+    a("--out", help="default RUN/predictions_<IMAGES_DIR>.csv, or --explain: RUN/explain/")
+    a("--overwrite", action="store_true", help="replace the CSV or an earlier --explain's maps")
     a("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     args = parser.parse_args(argv)
     if bool(args.images_dir) == args.explain:
@@ -422,7 +405,7 @@ def main(argv=None):
                            args.overwrite)
     model, options, script = load_run(args.run, args.device)
     if args.explain:
-        return explain(model, options, script, args)
+        return explain(model, options, script, args, out)
     return predict_folder(model, options, script, args.images_dir, out)
 
 
