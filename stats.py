@@ -136,10 +136,8 @@ def fit_temperature_and_offsets(logits, y_true):
         log_probs = special.log_softmax(logits / np.exp(params[0]) + params[1:], axis=1)
         return -np.mean(log_probs[rows, y_true])
 
-    start = np.zeros(1 + logits.shape[1])
-    fitted = optimize.minimize(nll, start, method="L-BFGS-B").x
-    if not nll(fitted) < nll(start):
-        fitted = start
+    start = np.zeros(1 + logits.shape[1])  # min keeps start unless the fit's NLL is lower
+    fitted = min(start, optimize.minimize(nll, start, method="L-BFGS-B").x, key=nll)
     return float(np.exp(fitted[0])), fitted[1:] - fitted[1:].mean()
 
 
@@ -165,10 +163,8 @@ def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_clas
             result[f"{split}_ece_{when}"] = expected_calibration_error(y_true, np.exp(log_probs))
     val_tumour = 1 - special.softmax(val_logits / temperature + offsets, axis=1)[:, negative]
     test_probs = special.softmax(test_logits / temperature + offsets, axis=1)  # (N, C)
-    # only the validation scores themselves can change the call: try each, keep the best F1
-    candidates = np.unique(val_tumour)
-    val_f1 = [tumour_f1(val_y, val_tumour >= t) for t in candidates]
-    threshold = float(candidates[np.argmax(val_f1)])  # ties: the lowest such threshold
+    # only the validation scores can change the call: try each; max keeps the lowest of ties
+    threshold = float(max(np.unique(val_tumour), key=lambda t: tumour_f1(val_y, val_tumour >= t)))
     before = tumour_f1(test_y, test_logits.argmax(axis=1) != negative)
     after = tumour_f1(test_y, 1 - test_probs[:, negative] >= threshold)
     return result | {"threshold": threshold, "test_probs": test_probs,
@@ -375,11 +371,9 @@ def cider_d(candidates, references, n=4, sigma=6.0):
 def caption_class_accuracy(candidates, labels, class_terms):
     """Share of captions naming their image's class and no other: class_terms[c] holds the
     phrases (whole words) naming class c, e.g. ("no tumor",) for notumor; naming none is wrong."""
-    padded = [f" {candidate} " for candidate in candidates]
-    named = [{c for c, terms in enumerate(class_terms) if any(f" {t} " in text for t in terms)}
-             for text in padded]
-    return float(np.mean([classes == {label} for classes, label in zip(named, labels,
-                                                                         strict=True)]))
+    named = [{c for c, terms in enumerate(class_terms)  # padded: terms match whole words only
+              if any(f" {term} " in f" {text} " for term in terms)} for text in candidates]
+    return float(np.mean([found == {label} for found, label in zip(named, labels, strict=True)]))
 
 
 # ---- the run folder: metrics.json, predictions.csv, report.txt, figures ------------------------
@@ -459,23 +453,21 @@ RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "ch
 def run_folder(out_dir, overwrite, resume):
     """with run_folder(...): the run. Refuse out_dir while another live run holds out_dir/.lock
     (its pid), or when it holds RUN_FILES without --overwrite or --resume; --overwrite moves them
-    to out_dir/replaced/, deleted once the run completes. Whatever the end, the lock goes; Ctrl-C
-    says how to continue."""
+    to out_dir/replaced/, deleted once the run completes. Whatever the end, the lock goes."""
     lock, replaced = os.path.join(out_dir, ".lock"), os.path.join(out_dir, "replaced")
-    try:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
         with open(lock) as file:
             pid = int(file.read())
         if pid != os.getpid():  # our own pid: an earlier run of this process, interrupted
             os.kill(pid, 0)  # raises when that process is gone
             raise SystemExit(f"error: {out_dir}: another run (pid {pid}) is writing here now; "
                              f"wait for it or choose another --out")
-    except (FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
-        pass
     is_ours = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in RUN_FILES)
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:  # a killed run's temps
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    for name in names:  # a killed run's temporary files (no pattern matches their .tmp<pid>)
         if ".tmp" in name and is_ours(name.split(".tmp")[0]):
             os.remove(os.path.join(out_dir, name))
-    ours = sorted(filter(is_ours, os.listdir(out_dir) if os.path.isdir(out_dir) else []))
+    ours = sorted(filter(is_ours, names))
     if ours and not (overwrite or resume):
         raise SystemExit(f"error: {out_dir}: run folder exists; pass --resume {out_dir} to "
                          f"continue it, --overwrite to replace it, or --out for a new folder")
@@ -587,15 +579,15 @@ def plot_reliability(y_true, probs_before, probs_after, path):
 
 
 def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, class_names,
-                     header):
+                     header, calibrated_probs=None):
     """metrics.json, predictions.csv, report.txt (header + the paper's table) and the figures."""
     y_pred = test_probs.argmax(axis=1)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
     rows = [["path", "label", "pred"] + [f"p_{name}" for name in class_names]] + [
         [path, class_names[label], class_names[pred], *(f"{p:.6f}" for p in probs)]
         for path, label, pred, probs in zip(test_paths, y_test, y_pred, test_probs, strict=True)]
-    atomic_write(os.path.join(out_dir, "predictions.csv"),
-                 lambda file: csv.writer(file).writerows(rows), "w")
+    atomic_write(os.path.join(out_dir, "predictions.csv"), lambda f: csv.writer(f).writerows(rows),
+                 "w")
     report = f"{header.rstrip()}\n\n{classification_report(y_test, y_pred, class_names)}\n"
     atomic_write(os.path.join(out_dir, "report.txt"), lambda file: file.write(report), "w")
     figure, axes = _new_figure()  # confusion matrix: rows = true, columns = predicted, counts
@@ -609,18 +601,19 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
     axes.set(xlabel="Predicted class", ylabel="True class",
              title=f"test accuracy {accuracy(y_test, y_pred):.4f}")
     figure.savefig(os.path.join(out_dir, "confusion_matrix.png"), dpi=150)
-    plot_reliability(y_test, test_probs, None, os.path.join(out_dir, "reliability.png"))
+    reliability = os.path.join(out_dir, "reliability.png")  # before and after, if calibrated
+    plot_reliability(y_test, test_probs, calibrated_probs, reliability)
     if history:  # loss and accuracy per epoch: training (augmented views) and selection split
         figure, panels = _new_figure(10, 4, columns=2)
         epochs = [entry["epoch"] for entry in history]
         train = "train (views, and their attacked copies 1:1)" if "exact" in metrics.get(
             "adversarial_training", "") else "train (augmented views)"
-        for key, label in (("train", train), ("select", "selection (view 0)")):
-            for panel, metric in zip(panels, ("loss", "accuracy")):
-                values = [entry[f"{key}_{metric}"] for entry in history]
-                panel.plot(epochs, values, marker="o", label=label)
-                panel.set(xlabel="epoch", ylabel=metric)
-                panel.legend()
+        for panel, metric in zip(panels, ("loss", "accuracy")):
+            for key, label in (("train", train), ("select", "selection (view 0)")):
+                panel.plot(epochs, [entry[f"{key}_{metric}"] for entry in history], marker="o",
+                           label=label)
+            panel.set(xlabel="epoch", ylabel=metric)
+            panel.legend()
         figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 
 
@@ -634,10 +627,9 @@ def evaluate(logits, y_true, class_names):
 
 def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, history,
                calibrate_on_val=False, notes=""):
-    """metrics (the run's facts so far) plus every split's metrics from outputs {split: (logits
-    (N, C), labels (N,))}, the test part without a copy in training (leaky: the test paths with
-    one; copy-free, not patient-level) and calibration fitted on validation; writes the run
-    folder, prints the headline."""
+    """Adds to metrics (the run's facts so far) every split's metrics from outputs {split: (logits
+    (N, C), labels (N,))}, the test images' without a copy in training (leaky: the paths with one)
+    and the calibration fitted on validation; writes the run folder and prints the headline."""
     for name, (logits, y_true) in outputs.items():
         metrics[name] = evaluate(logits, y_true, class_names)
     test_logits, y_test = outputs["test"]
@@ -654,19 +646,17 @@ def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, histor
         fgsm, pgd = metrics["test_fgsm"], metrics["test_pgd"]
         headline += f"; under FGSM {fgsm['accuracy']:.4f}, PGD {pgd['accuracy']:.4f} (clean " \
                     f"{fgsm['clean_accuracy']:.4f} on those {fgsm['n_attacked']} images)"
-    probs = special.softmax(np.asarray(test_logits, dtype=np.float64), axis=1)
+    calibrated = None
     if calibrate_on_val:  # temperature, class offsets and tumour threshold fitted on validation
-        val_logits, y_val = outputs["val"]
-        metrics["calibration"] = calibrate(val_logits, y_val, test_logits, y_test, class_names)
+        metrics["calibration"] = calibrate(*outputs["val"], test_logits, y_test, class_names)
         calibrated = metrics["calibration"].pop("test_probs")
     header = f"{metrics['model']} seed {metrics['seed']}, best epoch {metrics['best_epoch']} " \
              f"chosen on the {metrics['selection']}\n{headline}\n{notes}"
-    write_run_folder(out_dir, metrics, history, test_paths, y_test, probs, class_names, header)
-    if calibrate_on_val:  # the reliability diagram before and after
-        plot_reliability(y_test, probs, calibrated, os.path.join(out_dir, "reliability.png"))
-    print(f"{headline}; macro-F1 {metrics['test']['macro_f1']:.4f} (epoch "
-          f"{metrics['best_epoch']}, selected on the {metrics['selection']}); results in "
-          f"{out_dir}/")
+    probs = special.softmax(np.asarray(test_logits, dtype=np.float64), axis=1)
+    write_run_folder(out_dir, metrics, history, test_paths, y_test, probs, class_names, header,
+                     calibrated)
+    print(f"{headline}; macro-F1 {metrics['test']['macro_f1']:.4f} (epoch {metrics['best_epoch']}, "
+          f"selected on the {metrics['selection']}); results in {out_dir}/")
     return metrics
 
 
@@ -812,29 +802,26 @@ def main(argv=None):
                                   help="two runs on the same images: bootstrap CIs, McNemar")
     compare.add_argument("run_a", help="run folder A (with predictions.csv)")
     compare.add_argument("run_b", help="run folder B (with predictions.csv), same test images")
-    compare.add_argument("--out", "--json", help="output JSON (default "
-                         "RUN_A/compare_<name of RUN_B>.json)")
     compare.add_argument("--ci-method", default=CI_METHOD, choices=("BCa", "percentile"),
                          help="bootstrap interval method")
     compare.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="resamples per CI")
     compare.add_argument("--seed", type=int, default=SEED, help="seed of the bootstrap resampling")
     summary = commands.add_parser("summary", help="mean +- sample std of test metrics over runs")
     summary.add_argument("runs", nargs="+", help="run folders (with metrics.json), one per seed")
-    summary.add_argument("--out", "--json", help="output JSON (default: printed only)")
-    for command in (compare, summary):
+    for command, default in ((compare, "RUN_A/compare_<name of RUN_B>.json"),
+                             (summary, "printed only")):
+        command.add_argument("--out", "--json", help=f"output JSON (default: {default})")
         command.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    compared = args.command == "compare"
     run_b_name = os.path.basename(os.path.normpath(getattr(args, "run_b", "")))
     json_path = args.out or (os.path.join(args.run_a, f"compare_{run_b_name}.json")
-                             if args.command == "compare" else None)
+                             if compared else None)
     if json_path:  # the one input check: an output is never replaced without --overwrite
         check_new_output(json_path, args.overwrite)
-    if args.command == "compare":
-        result = compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples, args.seed)
-        print(format_comparison(result))
-    else:
-        result = summarize_runs(args.runs)
-        print(format_summary(result))
+    result = (compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples, args.seed)
+              if compared else summarize_runs(args.runs))
+    print(format_comparison(result) if compared else format_summary(result))
     if json_path:
         write_json(result, json_path)
         print(f"\nwrote {json_path}")
