@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 from collections import Counter
@@ -142,9 +143,8 @@ def fit_temperature_and_offsets(logits, y_true):
 
 
 def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_class="notumor"):
-    """Fit on validation, score on test: T and per-class offsets b by NLL (probs = softmax(logits
-    / T + b)), then the threshold t on P(tumour) = 1 - P(negative_class) with the best validation
-    tumour F1 (the BiomedCLIP study's remedy). Tumour call before: argmax != negative_class."""
+    """Fit on validation, score on test: fit_temperature_and_offsets, then the threshold on
+    P(tumour) = 1 - P(negative_class) with the best validation tumour F1 (BiomedCLIP's remedy)."""
     if negative_class not in class_names:
         raise SystemExit(f"error: calibrate: {negative_class!r} is not one of {list(class_names)}; "
                          "pass the no-tumour class as negative_class")
@@ -282,8 +282,7 @@ def caption_words(text):
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def _ngrams(words, n):
-    """Counts of the 1- to n-grams (tuples) of a list of words."""
+def _ngrams(words, n):  # Counter of the 1- to n-grams (tuples) of a list of words
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1)
                    for i in range(len(words) - k + 1))
 
@@ -309,8 +308,7 @@ def bleu(candidates, references, n=4):
     return (scores * (math.exp(1 - 1 / ratio) if ratio < 1 else 1.0)).tolist()
 
 
-def _lcs_length(a, b):
-    """Length of the longest common subsequence of two word lists (dynamic programming)."""
+def _lcs_length(a, b):  # length of the longest common subsequence of two word lists
     previous = [0] * (len(b) + 1)
     for word in a:
         current = [0]
@@ -390,8 +388,7 @@ def _to_json(value):
 
 
 def atomic_write(path, write, mode="wb"):
-    """write(file) into path.tmp<pid> (its folder made), renamed over path: a killed run never
-    leaves half a file."""
+    """write(file) to path.tmp<pid>, renamed over path: a killed run never leaves half a file."""
     temporary = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -408,18 +405,13 @@ def atomic_write(path, write, mode="wb"):
 
 
 def write_checked(path, payload):
-    """The SHA-1 of payload (20 bytes), then payload, written atomically (cache entries,
-    checkpoints): a flipped byte or a truncated file is found on reading."""
+    """SHA-1 of payload (20 bytes), then payload, atomically: read_checked finds a flipped byte."""
     atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
 
 
 def read_checked(path, needed=False):
-    """The payload write_checked stored in path, or None when missing, damaged or truncated;
-    needed: such a file stops the run, named."""
-    stored = b""
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            stored = f.read()
+    """write_checked's payload in path; None if missing, damaged or truncated, or stop if needed."""
+    stored = pathlib.Path(path).read_bytes() if os.path.isfile(path) else b""
     if hashlib.sha1(stored[20:]).digest() == stored[:20]:
         return stored[20:]
     if needed:
@@ -442,8 +434,7 @@ def write_json(obj, path):
     return path
 
 
-# What a run writes, and predict.py and compare beside it: --overwrite moves these (names or
-# fnmatch patterns), and nothing else in the run folder, to replaced/
+# What a run, predict.py and compare write (names, fnmatch patterns): all --overwrite moves away
 RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "checkpoint.pt",
              "best.pt", "confusion_matrix.png", "curves.png", "reliability.png", "captions.csv",
              "predictions_*.csv", "compare_*.json", "explain")
@@ -456,8 +447,7 @@ def run_folder(out_dir, overwrite, resume):
     to out_dir/replaced/, deleted once the run completes. Whatever the end, the lock goes."""
     lock, replaced = os.path.join(out_dir, ".lock"), os.path.join(out_dir, "replaced")
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
-        with open(lock) as file:
-            pid = int(file.read())
+        pid = int(pathlib.Path(lock).read_text())
         if pid != os.getpid():  # our own pid: an earlier run of this process, interrupted
             os.kill(pid, 0)  # raises when that process is gone
             raise SystemExit(f"error: {out_dir}: another run (pid {pid}) is writing here now; "
@@ -473,8 +463,7 @@ def run_folder(out_dir, overwrite, resume):
                          f"continue it, --overwrite to replace it, or --out for a new folder")
     try:
         os.makedirs(replaced, exist_ok=True)  # the run deletes it once it completes
-        with open(lock, "w") as file:
-            file.write(str(os.getpid()))
+        pathlib.Path(lock).write_text(str(os.getpid()))
     except OSError as error:
         raise SystemExit(f"error: --out {out_dir}: cannot write there ({error.strerror})")
     kept = os.listdir(replaced)  # not empty: a failed run left the last good one there
@@ -506,8 +495,7 @@ def run_config(run_dir):
     """run_dir/config.json, the run's options and split; {"args": {}} when there is none."""
     path = os.path.join(run_dir, "config.json")
     try:
-        with open(path) as file:
-            return json.load(file)
+        return json.loads(pathlib.Path(path).read_text())
     except FileNotFoundError:
         return {"args": {}}
     except (OSError, ValueError) as error:
@@ -516,9 +504,8 @@ def run_config(run_dir):
 
 
 def resume_options(args, changeable=("data", "cache_dir", "device", "epochs")):
-    """--resume RUN: (the run's own options, with those in changeable that argv gave: a moved
-    dataset (check_same_split checks its images) or cache, the machine, more epochs; the split
-    the run recorded). Other options given are named as ignored; another --out is refused."""
+    """--resume RUN: (the run's own options but those in changeable that argv gave: a moved dataset
+    or cache, the machine, more epochs; the run's split). Other options given are named, ignored."""
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise SystemExit(f"error: --out {args.out}: a resumed run continues in its own folder, "
                          f"{args.resume}; copy that folder to {args.out} first to continue there")
@@ -627,9 +614,9 @@ def evaluate(logits, y_true, class_names):
 
 def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, history,
                calibrate_on_val=False, notes=""):
-    """Adds to metrics (the run's facts so far) every split's metrics from outputs {split: (logits
-    (N, C), labels (N,))}, the test images' without a copy in training (leaky: the paths with one)
-    and the calibration fitted on validation; writes the run folder and prints the headline."""
+    """Adds to metrics (the run's facts so far) those of each split in outputs {split: (logits
+    (N, C), labels (N,))}, of the test images without a copy in training (leaky: the paths with
+    one) and the calibration fitted on validation; writes the run folder, prints the headline."""
     for name, (logits, y_true) in outputs.items():
         metrics[name] = evaluate(logits, y_true, class_names)
     test_logits, y_test = outputs["test"]
@@ -686,8 +673,7 @@ def read_predictions(path):
 # ---- compare two runs, summarise seeds ---------------------------------------------------------
 
 def check_same_images(run_a, paths_a, run_b, paths_b):
-    """Refuse two runs evaluated on different images (or one run given twice): compare and
-    summary pair or average runs of one test set only."""
+    """Refuse runs on different images, or one run twice: compare and summary take one test set."""
     if sorted(paths_a) != sorted(paths_b) or len(set(paths_a)) < len(paths_a):
         only_a, only_b = sorted(set(paths_a) - set(paths_b)), sorted(set(paths_b) - set(paths_a))
         raise SystemExit(f"error: {run_a} and {run_b} were evaluated on different images: "
@@ -724,14 +710,12 @@ def compare_runs(run_a, run_b, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=S
     return _to_json(result | mcnemar(correct_a, correct_b))
 
 
-def _number(value, bounds=None):
-    """A metric with 4 decimals ('n/a' for None: undefined), then its interval if given."""
+def _number(value, bounds=None):  # 4 decimals ('n/a' for None: undefined), then the interval
     text = "n/a" if value is None else f"{value:.4f}"
     return text if bounds is None else f"{text} ({_number(bounds[0])}, {_number(bounds[1])})"
 
 
-def _markdown_table(header, rows):
-    """Lines of a markdown table: the header cells, then one line per row of cells."""
+def _markdown_table(header, rows):  # lines of a markdown table: header cells, then rows of cells
     return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
 
 
@@ -765,8 +749,7 @@ def summarize_runs(run_dirs, section="test"):
         metrics_path = os.path.join(run, "metrics.json")
         if not os.path.isfile(metrics_path):
             raise SystemExit(f"error: {metrics_path}: not found; is {run} a finished run folder?")
-        with open(metrics_path) as file:
-            split = json.load(file).get(section)
+        split = json.loads(pathlib.Path(metrics_path).read_text()).get(section)
         if not split:  # missing, or null when the split was empty
             raise SystemExit(f"error: {metrics_path}: no {section!r} metrics; pass finished runs")
         scalars = {key: value for key, value in split.items()
