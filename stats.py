@@ -405,7 +405,7 @@ def atomic_write(path, write, mode="wb"):
 
 
 def write_checked(path, payload):
-    """SHA-1 of payload (20 bytes), then payload, atomically: read_checked finds a flipped byte."""
+    """SHA-1 of payload (20 bytes), then payload, atomically (cache entries, checkpoints)."""
     atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
 
 
@@ -434,7 +434,7 @@ def write_json(obj, path):
     return path
 
 
-# What a run, predict.py and compare write (names, fnmatch patterns): all --overwrite moves away
+# What a run, predict.py and compare write (names or fnmatch patterns): all --overwrite moves
 RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "checkpoint.pt",
              "best.pt", "confusion_matrix.png", "curves.png", "reliability.png", "captions.csv",
              "predictions_*.csv", "compare_*.json", "explain")
@@ -573,8 +573,8 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
     rows = [["path", "label", "pred"] + [f"p_{name}" for name in class_names]] + [
         [path, class_names[label], class_names[pred], *(f"{p:.6f}" for p in probs)]
         for path, label, pred, probs in zip(test_paths, y_test, y_pred, test_probs, strict=True)]
-    atomic_write(os.path.join(out_dir, "predictions.csv"), lambda f: csv.writer(f).writerows(rows),
-                 "w")
+    atomic_write(os.path.join(out_dir, "predictions.csv"),
+                 lambda file: csv.writer(file).writerows(rows), "w")
     report = f"{header.rstrip()}\n\n{classification_report(y_test, y_pred, class_names)}\n"
     atomic_write(os.path.join(out_dir, "report.txt"), lambda file: file.write(report), "w")
     figure, axes = _new_figure()  # confusion matrix: rows = true, columns = predicted, counts
