@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 from collections import Counter
@@ -136,17 +137,14 @@ def fit_temperature_and_offsets(logits, y_true):
         log_probs = special.log_softmax(logits / np.exp(params[0]) + params[1:], axis=1)
         return -np.mean(log_probs[rows, y_true])
 
-    start = np.zeros(1 + logits.shape[1])
-    fitted = optimize.minimize(nll, start, method="L-BFGS-B").x
-    if not nll(fitted) < nll(start):
-        fitted = start
+    start = np.zeros(1 + logits.shape[1])  # min keeps start unless the fit's NLL is lower
+    fitted = min(start, optimize.minimize(nll, start, method="L-BFGS-B").x, key=nll)
     return float(np.exp(fitted[0])), fitted[1:] - fitted[1:].mean()
 
 
 def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_class="notumor"):
-    """Fit on validation, score on test: T and per-class offsets b by NLL (probs = softmax(logits
-    / T + b)), then the threshold t on P(tumour) = 1 - P(negative_class) with the best validation
-    tumour F1 (the BiomedCLIP study's remedy). Tumour call before: argmax != negative_class."""
+    """Fit on validation, score on test: fit_temperature_and_offsets, then the threshold on
+    P(tumour) = 1 - P(negative_class) with the best validation tumour F1 (BiomedCLIP's remedy)."""
     if negative_class not in class_names:
         raise SystemExit(f"error: calibrate: {negative_class!r} is not one of {list(class_names)}; "
                          "pass the no-tumour class as negative_class")
@@ -165,10 +163,8 @@ def calibrate(val_logits, val_y, test_logits, test_y, class_names, negative_clas
             result[f"{split}_ece_{when}"] = expected_calibration_error(y_true, np.exp(log_probs))
     val_tumour = 1 - special.softmax(val_logits / temperature + offsets, axis=1)[:, negative]
     test_probs = special.softmax(test_logits / temperature + offsets, axis=1)  # (N, C)
-    # only the validation scores themselves can change the call: try each, keep the best F1
-    candidates = np.unique(val_tumour)
-    val_f1 = [tumour_f1(val_y, val_tumour >= t) for t in candidates]
-    threshold = float(candidates[np.argmax(val_f1)])  # ties: the lowest such threshold
+    # only the validation scores can change the call: try each; max keeps the lowest of ties
+    threshold = float(max(np.unique(val_tumour), key=lambda t: tumour_f1(val_y, val_tumour >= t)))
     before = tumour_f1(test_y, test_logits.argmax(axis=1) != negative)
     after = tumour_f1(test_y, 1 - test_probs[:, negative] >= threshold)
     return result | {"threshold": threshold, "test_probs": test_probs,
@@ -286,8 +282,7 @@ def caption_words(text):
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def _ngrams(words, n):
-    """Counts of the 1- to n-grams (tuples) of a list of words."""
+def _ngrams(words, n):  # Counter of the 1- to n-grams (tuples) of a list of words
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1)
                    for i in range(len(words) - k + 1))
 
@@ -313,8 +308,7 @@ def bleu(candidates, references, n=4):
     return (scores * (math.exp(1 - 1 / ratio) if ratio < 1 else 1.0)).tolist()
 
 
-def _lcs_length(a, b):
-    """Length of the longest common subsequence of two word lists (dynamic programming)."""
+def _lcs_length(a, b):  # length of the longest common subsequence of two word lists
     previous = [0] * (len(b) + 1)
     for word in a:
         current = [0]
@@ -375,11 +369,9 @@ def cider_d(candidates, references, n=4, sigma=6.0):
 def caption_class_accuracy(candidates, labels, class_terms):
     """Share of captions naming their image's class and no other: class_terms[c] holds the
     phrases (whole words) naming class c, e.g. ("no tumor",) for notumor; naming none is wrong."""
-    padded = [f" {candidate} " for candidate in candidates]
-    named = [{c for c, terms in enumerate(class_terms) if any(f" {t} " in text for t in terms)}
-             for text in padded]
-    return float(np.mean([classes == {label} for classes, label in zip(named, labels,
-                                                                         strict=True)]))
+    named = [{c for c, terms in enumerate(class_terms)  # padded: terms match whole words only
+              if any(f" {term} " in f" {text} " for term in terms)} for text in candidates]
+    return float(np.mean([found == {label} for found, label in zip(named, labels, strict=True)]))
 
 
 # ---- the run folder: metrics.json, predictions.csv, report.txt, figures ------------------------
@@ -396,8 +388,7 @@ def _to_json(value):
 
 
 def atomic_write(path, write, mode="wb"):
-    """write(file) into path.tmp<pid> (its folder made), renamed over path: a killed run never
-    leaves half a file."""
+    """write(file) to path.tmp<pid>, renamed over path: a killed run never leaves half a file."""
     temporary = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -414,18 +405,13 @@ def atomic_write(path, write, mode="wb"):
 
 
 def write_checked(path, payload):
-    """The SHA-1 of payload (20 bytes), then payload, written atomically (cache entries,
-    checkpoints): a flipped byte or a truncated file is found on reading."""
+    """SHA-1 of payload (20 bytes), then payload, atomically (cache entries, checkpoints)."""
     atomic_write(path, lambda f: f.write(hashlib.sha1(payload).digest() + payload))
 
 
 def read_checked(path, needed=False):
-    """The payload write_checked stored in path, or None when missing, damaged or truncated;
-    needed: such a file stops the run, named."""
-    stored = b""
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            stored = f.read()
+    """write_checked's payload in path; None if missing, damaged or truncated, or stop if needed."""
+    stored = pathlib.Path(path).read_bytes() if os.path.isfile(path) else b""
     if hashlib.sha1(stored[20:]).digest() == stored[:20]:
         return stored[20:]
     if needed:
@@ -448,8 +434,7 @@ def write_json(obj, path):
     return path
 
 
-# What a run writes, and predict.py and compare beside it: --overwrite moves these (names or
-# fnmatch patterns), and nothing else in the run folder, to replaced/
+# What a run, predict.py and compare write (names or fnmatch patterns): all --overwrite moves
 RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "checkpoint.pt",
              "best.pt", "confusion_matrix.png", "curves.png", "reliability.png", "captions.csv",
              "predictions_*.csv", "compare_*.json", "explain")
@@ -459,30 +444,26 @@ RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "ch
 def run_folder(out_dir, overwrite, resume):
     """with run_folder(...): the run. Refuse out_dir while another live run holds out_dir/.lock
     (its pid), or when it holds RUN_FILES without --overwrite or --resume; --overwrite moves them
-    to out_dir/replaced/, deleted once the run completes. Whatever the end, the lock goes; Ctrl-C
-    says how to continue."""
+    to out_dir/replaced/, deleted once the run completes. Whatever the end, the lock goes."""
     lock, replaced = os.path.join(out_dir, ".lock"), os.path.join(out_dir, "replaced")
-    try:
-        with open(lock) as file:
-            pid = int(file.read())
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
+        pid = int(pathlib.Path(lock).read_text())
         if pid != os.getpid():  # our own pid: an earlier run of this process, interrupted
             os.kill(pid, 0)  # raises when that process is gone
             raise SystemExit(f"error: {out_dir}: another run (pid {pid}) is writing here now; "
                              f"wait for it or choose another --out")
-    except (FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
-        pass
     is_ours = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in RUN_FILES)
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:  # a killed run's temps
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    for name in names:  # a killed run's temporary files (no pattern matches their .tmp<pid>)
         if ".tmp" in name and is_ours(name.split(".tmp")[0]):
             os.remove(os.path.join(out_dir, name))
-    ours = sorted(filter(is_ours, os.listdir(out_dir) if os.path.isdir(out_dir) else []))
+    ours = sorted(filter(is_ours, names))
     if ours and not (overwrite or resume):
         raise SystemExit(f"error: {out_dir}: run folder exists; pass --resume {out_dir} to "
                          f"continue it, --overwrite to replace it, or --out for a new folder")
     try:
         os.makedirs(replaced, exist_ok=True)  # the run deletes it once it completes
-        with open(lock, "w") as file:
-            file.write(str(os.getpid()))
+        pathlib.Path(lock).write_text(str(os.getpid()))
     except OSError as error:
         raise SystemExit(f"error: --out {out_dir}: cannot write there ({error.strerror})")
     kept = os.listdir(replaced)  # not empty: a failed run left the last good one there
@@ -514,8 +495,7 @@ def run_config(run_dir):
     """run_dir/config.json, the run's options and split; {"args": {}} when there is none."""
     path = os.path.join(run_dir, "config.json")
     try:
-        with open(path) as file:
-            return json.load(file)
+        return json.loads(pathlib.Path(path).read_text())
     except FileNotFoundError:
         return {"args": {}}
     except (OSError, ValueError) as error:
@@ -524,9 +504,8 @@ def run_config(run_dir):
 
 
 def resume_options(args, changeable=("data", "cache_dir", "device", "epochs")):
-    """--resume RUN: (the run's own options, with those in changeable that argv gave: a moved
-    dataset (check_same_split checks its images) or cache, the machine, more epochs; the split
-    the run recorded). Other options given are named as ignored; another --out is refused."""
+    """--resume RUN: (the run's own options but those in changeable that argv gave: a moved dataset
+    or cache, the machine, more epochs; the run's split). Other options given are named, ignored."""
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise SystemExit(f"error: --out {args.out}: a resumed run continues in its own folder, "
                          f"{args.resume}; copy that folder to {args.out} first to continue there")
@@ -587,7 +566,7 @@ def plot_reliability(y_true, probs_before, probs_after, path):
 
 
 def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, class_names,
-                     header):
+                     header, calibrated_probs=None):
     """metrics.json, predictions.csv, report.txt (header + the paper's table) and the figures."""
     y_pred = test_probs.argmax(axis=1)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
@@ -609,18 +588,19 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
     axes.set(xlabel="Predicted class", ylabel="True class",
              title=f"test accuracy {accuracy(y_test, y_pred):.4f}")
     figure.savefig(os.path.join(out_dir, "confusion_matrix.png"), dpi=150)
-    plot_reliability(y_test, test_probs, None, os.path.join(out_dir, "reliability.png"))
+    reliability = os.path.join(out_dir, "reliability.png")  # before and after, if calibrated
+    plot_reliability(y_test, test_probs, calibrated_probs, reliability)
     if history:  # loss and accuracy per epoch: training (augmented views) and selection split
         figure, panels = _new_figure(10, 4, columns=2)
         epochs = [entry["epoch"] for entry in history]
         train = "train (views, and their attacked copies 1:1)" if "exact" in metrics.get(
             "adversarial_training", "") else "train (augmented views)"
-        for key, label in (("train", train), ("select", "selection (view 0)")):
-            for panel, metric in zip(panels, ("loss", "accuracy")):
-                values = [entry[f"{key}_{metric}"] for entry in history]
-                panel.plot(epochs, values, marker="o", label=label)
-                panel.set(xlabel="epoch", ylabel=metric)
-                panel.legend()
+        for panel, metric in zip(panels, ("loss", "accuracy")):
+            for key, label in (("train", train), ("select", "selection (view 0)")):
+                panel.plot(epochs, [entry[f"{key}_{metric}"] for entry in history], marker="o",
+                           label=label)
+            panel.set(xlabel="epoch", ylabel=metric)
+            panel.legend()
         figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 
 
@@ -634,10 +614,9 @@ def evaluate(logits, y_true, class_names):
 
 def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, history,
                calibrate_on_val=False, notes=""):
-    """metrics (the run's facts so far) plus every split's metrics from outputs {split: (logits
-    (N, C), labels (N,))}, the test part without a copy in training (leaky: the test paths with
-    one; copy-free, not patient-level) and calibration fitted on validation; writes the run
-    folder, prints the headline."""
+    """Adds to metrics (the run's facts so far) those of each split in outputs {split: (logits
+    (N, C), labels (N,))}, of the test images without a copy in training (leaky: the paths with
+    one) and the calibration fitted on validation; writes the run folder, prints the headline."""
     for name, (logits, y_true) in outputs.items():
         metrics[name] = evaluate(logits, y_true, class_names)
     test_logits, y_test = outputs["test"]
@@ -654,19 +633,17 @@ def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, histor
         fgsm, pgd = metrics["test_fgsm"], metrics["test_pgd"]
         headline += f"; under FGSM {fgsm['accuracy']:.4f}, PGD {pgd['accuracy']:.4f} (clean " \
                     f"{fgsm['clean_accuracy']:.4f} on those {fgsm['n_attacked']} images)"
-    probs = special.softmax(np.asarray(test_logits, dtype=np.float64), axis=1)
+    calibrated = None
     if calibrate_on_val:  # temperature, class offsets and tumour threshold fitted on validation
-        val_logits, y_val = outputs["val"]
-        metrics["calibration"] = calibrate(val_logits, y_val, test_logits, y_test, class_names)
+        metrics["calibration"] = calibrate(*outputs["val"], test_logits, y_test, class_names)
         calibrated = metrics["calibration"].pop("test_probs")
     header = f"{metrics['model']} seed {metrics['seed']}, best epoch {metrics['best_epoch']} " \
              f"chosen on the {metrics['selection']}\n{headline}\n{notes}"
-    write_run_folder(out_dir, metrics, history, test_paths, y_test, probs, class_names, header)
-    if calibrate_on_val:  # the reliability diagram before and after
-        plot_reliability(y_test, probs, calibrated, os.path.join(out_dir, "reliability.png"))
-    print(f"{headline}; macro-F1 {metrics['test']['macro_f1']:.4f} (epoch "
-          f"{metrics['best_epoch']}, selected on the {metrics['selection']}); results in "
-          f"{out_dir}/")
+    probs = special.softmax(np.asarray(test_logits, dtype=np.float64), axis=1)
+    write_run_folder(out_dir, metrics, history, test_paths, y_test, probs, class_names, header,
+                     calibrated)
+    print(f"{headline}; macro-F1 {metrics['test']['macro_f1']:.4f} (epoch {metrics['best_epoch']}, "
+          f"selected on the {metrics['selection']}); results in {out_dir}/")
     return metrics
 
 
@@ -696,8 +673,7 @@ def read_predictions(path):
 # ---- compare two runs, summarise seeds ---------------------------------------------------------
 
 def check_same_images(run_a, paths_a, run_b, paths_b):
-    """Refuse two runs evaluated on different images (or one run given twice): compare and
-    summary pair or average runs of one test set only."""
+    """Refuse runs on different images, or one run twice: compare and summary take one test set."""
     if sorted(paths_a) != sorted(paths_b) or len(set(paths_a)) < len(paths_a):
         only_a, only_b = sorted(set(paths_a) - set(paths_b)), sorted(set(paths_b) - set(paths_a))
         raise SystemExit(f"error: {run_a} and {run_b} were evaluated on different images: "
@@ -734,14 +710,12 @@ def compare_runs(run_a, run_b, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=S
     return _to_json(result | mcnemar(correct_a, correct_b))
 
 
-def _number(value, bounds=None):
-    """A metric with 4 decimals ('n/a' for None: undefined), then its interval if given."""
+def _number(value, bounds=None):  # 4 decimals ('n/a' for None: undefined), then the interval
     text = "n/a" if value is None else f"{value:.4f}"
     return text if bounds is None else f"{text} ({_number(bounds[0])}, {_number(bounds[1])})"
 
 
-def _markdown_table(header, rows):
-    """Lines of a markdown table: the header cells, then one line per row of cells."""
+def _markdown_table(header, rows):  # lines of a markdown table: header cells, then rows of cells
     return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
 
 
@@ -775,8 +749,7 @@ def summarize_runs(run_dirs, section="test"):
         metrics_path = os.path.join(run, "metrics.json")
         if not os.path.isfile(metrics_path):
             raise SystemExit(f"error: {metrics_path}: not found; is {run} a finished run folder?")
-        with open(metrics_path) as file:
-            split = json.load(file).get(section)
+        split = json.loads(pathlib.Path(metrics_path).read_text()).get(section)
         if not split:  # missing, or null when the split was empty
             raise SystemExit(f"error: {metrics_path}: no {section!r} metrics; pass finished runs")
         scalars = {key: value for key, value in split.items()
@@ -812,29 +785,26 @@ def main(argv=None):
                                   help="two runs on the same images: bootstrap CIs, McNemar")
     compare.add_argument("run_a", help="run folder A (with predictions.csv)")
     compare.add_argument("run_b", help="run folder B (with predictions.csv), same test images")
-    compare.add_argument("--out", "--json", help="output JSON (default "
-                         "RUN_A/compare_<name of RUN_B>.json)")
     compare.add_argument("--ci-method", default=CI_METHOD, choices=("BCa", "percentile"),
                          help="bootstrap interval method")
     compare.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="resamples per CI")
     compare.add_argument("--seed", type=int, default=SEED, help="seed of the bootstrap resampling")
     summary = commands.add_parser("summary", help="mean +- sample std of test metrics over runs")
     summary.add_argument("runs", nargs="+", help="run folders (with metrics.json), one per seed")
-    summary.add_argument("--out", "--json", help="output JSON (default: printed only)")
-    for command in (compare, summary):
+    for command, default in ((compare, "RUN_A/compare_<name of RUN_B>.json"),
+                             (summary, "printed only")):
+        command.add_argument("--out", "--json", help=f"output JSON (default: {default})")
         command.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    compared = args.command == "compare"
     run_b_name = os.path.basename(os.path.normpath(getattr(args, "run_b", "")))
     json_path = args.out or (os.path.join(args.run_a, f"compare_{run_b_name}.json")
-                             if args.command == "compare" else None)
+                             if compared else None)
     if json_path:  # the one input check: an output is never replaced without --overwrite
         check_new_output(json_path, args.overwrite)
-    if args.command == "compare":
-        result = compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples, args.seed)
-        print(format_comparison(result))
-    else:
-        result = summarize_runs(args.runs)
-        print(format_summary(result))
+    result = (compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples, args.seed)
+              if compared else summarize_runs(args.runs))
+    print(format_comparison(result) if compared else format_summary(result))
     if json_path:
         write_json(result, json_path)
         print(f"\nwrote {json_path}")
