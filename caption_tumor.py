@@ -230,8 +230,9 @@ def text_batch(texts, indices, device):
 # ---- evaluation --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def caption_split(model, inputs, texts, args):
-    """(generated captions, mean teacher-forced loss) of view 0 of every image in a split."""
+def caption_split(model, inputs, texts, references, args):
+    """(generated captions, scores) of view 0 of every image in a split: stats.py's caption metrics
+    against one reference caption per image, and the mean teacher-forced loss."""
     model.eval()
     generated, total_loss, device = [], 0.0, model.mean.device
     for start in range(0, len(inputs), args.batch_size):
@@ -241,16 +242,14 @@ def caption_split(model, inputs, texts, args):
         total_loss += model.caption_loss(tokens, *text_batch(texts, indices, device)).item() \
             * len(indices)
         generated += model.decode(model.generate(tokens, args.beams, args.max_length))
-    return generated, total_loss / max(len(inputs), 1)
-
-
-def score_captions(generated, references, labels):
-    """The caption metrics of one split (stats.py): one reference caption per image."""
     references = [[reference] for reference in references]
+    terms = [CLASS_TERMS[name] for name in data.CLASSES]
     scores = dict(zip(("bleu_1", "bleu_2", "bleu_3", "bleu_4"), stats.bleu(generated, references)))
-    return dict(scores, rouge_l=stats.rouge_l(generated, references), n=len(generated),
-                cider=stats.cider_d(generated, references), class_accuracy=stats
-                .caption_class_accuracy(generated, labels, [CLASS_TERMS[c] for c in data.CLASSES]))
+    return generated, dict(scores, rouge_l=stats.rouge_l(generated, references),
+                           cider=stats.cider_d(generated, references), n=len(generated),
+                           class_accuracy=stats.caption_class_accuracy(
+                               generated, inputs.labels.tolist(), terms),
+                           loss=total_loss / len(inputs))
 
 
 # ---- the run: data -> cache -> train -> captions -> run folder ---------------------------------
@@ -300,15 +299,17 @@ def run_one(args, build_model, out_dir, recorded=None):
                  else None for name, part in inputs.items()}
         references = {name: [stats.caption_words(captions[s.path]) for s in part.samples]
                       for name, part in inputs.items()}
+        score = lambda name: caption_split(model, inputs[name], texts[name], references[name],
+                                           args)
         select = "test" if args.select_on == "test" else "val"
 
         def batch_loss(batch, indices):  # teacher forcing; cached: the encoder's stored tokens
             ids, mask = text_batch(texts["train"], indices, device)
             return model.caption_loss(batch, ids, mask) if cached else model(batch, ids, mask)
 
-        def cider(part):
-            generated, loss = caption_split(model, part, texts[select], args)
-            return "cider", stats.cider_d(generated, [[r] for r in references[select]]), loss
+        def cider(_):  # what picks the best epoch
+            scores = score(select)[1]
+            return "cider", scores["cider"], scores["loss"]
 
         history, best_epoch = [], 0
         if args.epochs > 0:
@@ -322,12 +323,8 @@ def run_one(args, build_model, out_dir, recorded=None):
                    if history else None, "cache_build_seconds": cache_seconds,
                    "undecodable_skipped": len(bad)}
         generated = {}
-        for name, part in inputs.items():
-            metrics[name] = None
-            if len(part):
-                generated[name], loss = caption_split(model, part, texts[name], args)
-                metrics[name] = dict(score_captions(generated[name], references[name],
-                                                    part.labels.tolist()), loss=loss)
+        for name in inputs:
+            generated[name], metrics[name] = score(name) if len(inputs[name]) else ([], None)
         rows = list(zip([s.path for s in inputs["test"].samples], references["test"],
                         generated["test"], strict=True))
         write_run_files(out_dir, metrics, history, rows)
