@@ -90,9 +90,8 @@ def official_split_folders(root):
 
 
 def files_under(folder, tree=None):
-    """Every file under folder at any depth, sorted; hidden files and folders skipped. A linked
-    folder is followed unless it leads into tree (default: folder), whose images would be read
-    twice, or above itself (a loop): such a link is refused, named."""
+    """Every file under folder at any depth, sorted, hidden ones skipped. A folder link into tree
+    (default: folder; images read twice) or above itself (a loop) is refused, others followed."""
     found, root = [], os.path.realpath(tree or folder)
     within = lambda path, top: os.path.commonpath([path, top]) == top
     for parent, folders, files in os.walk(folder, followlinks=True):
@@ -112,9 +111,8 @@ def is_image(path):
 
 
 def find_images(data_dir, also_allowed=()):
-    """([(path, class, split folder or "")] by split, then path; [other files' paths]) of class
-    folders (any depth, hidden files skipped; also_allowed ones: class = folder name) in
-    Training/ and Testing/, or in data_dir."""
+    """([(path, class, split folder or "")] by split, then path; [other files' paths]) under the
+    class folders (also_allowed ones: class = folder name) of Training/ + Testing/, or data_dir."""
     images, others = [], []
     for part in official_split_folders(data_dir) or [""]:
         root = os.path.join(data_dir, part)
@@ -218,9 +216,8 @@ def load_rgb(path):
         image.load()
     except Exception as error:  # PIL raises several types for truncated or non-image files
         raise DecodeError(f"{path}: cannot decode image ({error}); remove it or pass --skip-bad")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit MRI exports: stretch the used range to 0..255 (plain convert("L") clips it)
-        pixels = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit: convert("L") would clip
+        pixels = np.asarray(image, dtype=np.float64)  # so stretch the used range to 0..255
         low, high = pixels.min(), pixels.max()
         pixels = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
         image = Image.fromarray(pixels.round().astype(np.uint8))  # mode L
@@ -234,13 +231,11 @@ def image_view(image, content_hash, view, image_size):
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     if view == 0:
         return pixels.contiguous()
-    # the view's generator depends on (content, view) only, never on --seed: cacheable
-    digest = hashlib.sha1(f"{content_hash}:{view}".encode()).hexdigest()
-    g = torch.Generator().manual_seed(int(digest[:15], 16))
+    digest = hashlib.sha1(f"{content_hash}:{view}".encode()).hexdigest()  # not --seed: cacheable
+    g = torch.Generator().manual_seed(int(digest[:15], 16))  # depends on (content, view) only
     uniform = lambda low, high: low + (high - low) * torch.rand((), generator=g).item()
-    for dim in (-1, -2):  # a horizontal, then a vertical flip, each with probability 1/2
-        if torch.rand((), generator=g) < 0.5:
-            pixels = pixels.flip(dim)
+    flips = [dim for dim in (-1, -2) if torch.rand((), generator=g) < 0.5]  # each with p = 1/2
+    pixels = pixels.flip(flips)  # a horizontal and/or a vertical flip
     pixels = TF.affine(pixels, angle=uniform(-ROTATION_DEGREES, ROTATION_DEGREES), translate=[0, 0],
                        scale=uniform(*ZOOM_RANGE), shear=[0.0, 0.0],
                        interpolation=TF.InterpolationMode.BILINEAR)
@@ -254,8 +249,7 @@ def image_view(image, content_hash, view, image_size):
 
 class FeatureCache:
     """Stem outputs, one file per (image content, view), in a folder named by a hash of all that
-    determines them: model.cache_key (the tower's printed architecture, its frozen weights' digest,
-    ...), augmentation, torch version. Entries start with their SHA-1, checked on every read."""
+    determines them (model.cache_key, augmentation, torch version); checksummed entries (SHA-1)."""
 
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
@@ -324,8 +318,7 @@ def few_shot(samples, shots, seed, split):
     """`shots` samples of each class, drawn with the seed, in path order (the K-shot protocol)."""
     fewest = min(sum(s.label == c for s in samples) for c in range(len(CLASSES)))
     if fewest < shots:
-        raise SystemExit(f"error: --shots {shots}: a class has only {fewest} {split} images; "
-                         f"pass fewer")
+        raise SystemExit(f"error: --shots {shots}: a class has {fewest} {split} images; pass fewer")
     return stratified_split(samples, None, seed, shots)[1]
 
 
@@ -378,10 +371,9 @@ def synth_image(label, rng, size=96):
     # tissue: random weights' attention lands on it, not on the lesion (tests/test_explain.py)
     cx, cy = size * rng.uniform(0.49, 0.51), size * rng.uniform(0.49, 0.51)
     rx, ry = size * rng.uniform(0.36, 0.37), size * rng.uniform(0.41, 0.42)
-    for grow, grey in ((size * 7 / 96, (230, 250)), (size * 2 / 96, (15, 35))):
+    for grow, grey in ((size * 7 / 96, (230, 250)), (size * 2 / 96, (15, 35)), (0, (90, 130))):
         draw.ellipse([cx - rx - grow, cy - ry - grow, cx + rx + grow, cy + ry + grow],
-                     fill=int(rng.uniform(*grey)))
-    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=int(rng.uniform(90, 130)))  # brain
+                     fill=int(rng.uniform(*grey)))  # scalp, its dark inner edge, the brain
     draw.ellipse([cx - rx * 0.35, cy - ry * 0.2, cx + rx * 0.35, cy + ry * 0.2],
                  fill=int(rng.uniform(50, 70)))  # ventricles
     name, box = CLASSES[label], None
@@ -481,9 +473,8 @@ def area_resize(grey, size):
     """(H, W) -> (size, size) float64, each cell the mean over its exact footprint. Unlike PIL's
     BOX filter (224 -> 64 rounds the footprints) it commutes with mirroring: a mirror scores 1."""
     def weights(n):  # (size, n): overlap of output cell i with input cell k, over the cell size
-        edges = np.arange(size + 1) * n / size
-        overlap = np.minimum(edges[1:, None], np.arange(1, n + 1)) - np.maximum(edges[:-1, None],
-                                                                               np.arange(n))
+        edges, cells = np.arange(size + 1) * n / size, np.arange(n + 1)  # output, input edges
+        overlap = np.minimum(edges[1:, None], cells[1:]) - np.maximum(edges[:-1, None], cells[:-1])
         return overlap.clip(0) * size / n
     return weights(grey.shape[0]) @ np.asarray(grey, dtype=np.float64) @ weights(grey.shape[1]).T
 
@@ -578,8 +569,7 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
     return found
 
 
-def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None,
-                               file_hashes=None):
+def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None, file_hashes=None):
     """The test paths with an exact or transformed copy in train_paths (the rest is leak-free);
     file_hashes: {path: file_hash(path)} when the caller has read them already."""
     test_paths = list(test_paths)
