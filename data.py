@@ -33,11 +33,10 @@ from tqdm import tqdm
 import stats
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
-CLASS_ALIASES = {  # folder name, lower case with spaces/hyphens as "_" -> class
-    "glioma_tumor": "glioma", "gliomas": "glioma", "meningioma_tumor": "meningioma",
-    "meningiomas": "meningioma", "no_tumor": "notumor", "no": "notumor", "normal": "notumor",
-    "healthy": "notumor", "no_tumour": "notumor", "notumour": "notumor",
-    "pituitary_tumor": "pituitary", "pituitary_tumour": "pituitary", **{c: c for c in CLASSES}}
+CLASS_ALIASES = {alias: name for name, aliases in (  # lower case, spaces/hyphens as "_" -> class
+    ("glioma", "glioma_tumor gliomas"), ("meningioma", "meningioma_tumor meningiomas"),
+    ("notumor", "no_tumor no normal healthy no_tumour notumour"),
+    ("pituitary", "pituitary_tumor pituitary_tumour")) for alias in [name, *aliases.split()]}
 UNLABELLED_FOLDERS = {"yes": "Br35H yes/: tumour of unknown type", "pred": "Br35H pred/: no label"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLIT_FOLDERS = {"training": "train", "train": "train", "testing": "test", "test": "test"}
@@ -91,9 +90,8 @@ def official_split_folders(root):
 
 
 def files_under(folder, tree=None):
-    """Every file under folder at any depth, sorted; hidden files and folders skipped. A linked
-    folder is followed unless it leads into tree (default: folder), whose images would be read
-    twice, or above itself (a loop): such a link is refused, named."""
+    """Every file under folder at any depth, sorted, hidden ones skipped. A folder link into tree
+    (default: folder; images read twice) or above itself (a loop) is refused, others followed."""
     found, root = [], os.path.realpath(tree or folder)
     within = lambda path, top: os.path.commonpath([path, top]) == top
     for parent, folders, files in os.walk(folder, followlinks=True):
@@ -113,9 +111,8 @@ def is_image(path):
 
 
 def find_images(data_dir, also_allowed=()):
-    """([(path, class, split folder or "")] by split, then path; [other files' paths]) of class
-    folders (any depth, hidden files skipped; also_allowed ones: class = folder name) in
-    Training/ and Testing/, or in data_dir."""
+    """([(path, class, split folder or "")] by split, then path; [other files' paths]) under the
+    class folders (also_allowed ones: class = folder name) of Training/ + Testing/, or data_dir."""
     images, others = [], []
     for part in official_split_folders(data_dir) or [""]:
         root = os.path.join(data_dir, part)
@@ -127,29 +124,22 @@ def find_images(data_dir, also_allowed=()):
             raise SystemExit(f"error: {root}: found {listing}; need class folders "
                              f"{'/ '.join(CLASSES)}/ (or no_tumor/, no/, ...), or Training/ and "
                              f"Testing/ holding them")
-        found = []
-        for folder in folders:
-            for path in files_under(os.path.join(root, folder), data_dir):
-                relative = os.path.relpath(path, data_dir).replace(os.sep, "/")
-                if is_image(path):
-                    found.append((relative, normalise_class_name(folder) or folder.lower(), part))
-                else:
-                    others.append(relative)
-        images += sorted(found)
+        found = sorted((os.path.relpath(path, data_dir).replace(os.sep, "/"),
+                        normalise_class_name(folder) or folder.lower(), part) for folder in folders
+                       for path in files_under(os.path.join(root, folder), data_dir))
+        images += [image for image in found if is_image(image[0])]
+        others += [path for path, _, _ in found if not is_image(path)]
     return images, others
 
 
 def stratified_split(samples, fraction, seed, count=None):
-    """(rest, part): round(fraction * n_c) of each class c (or count of each), drawn by seed, go
-    to part."""
-    rng = np.random.default_rng(seed)
-    rest, part = [], []
+    """(rest, part): round(fraction * n_c) of each class c (or count of each), seeded, in part."""
+    rng, rest, part = np.random.default_rng(seed), [], []
     for label in range(len(CLASSES)):
         members = [s for s in samples if s.label == label]
-        order = rng.permutation(len(members))
+        shuffled = [members[i] for i in rng.permutation(len(members))]
         n_part = count if fraction is None else int(round(fraction * len(members)))
-        part += [members[i] for i in order[:n_part]]
-        rest += [members[i] for i in order[n_part:]]
+        part, rest = part + shuffled[:n_part], rest + shuffled[n_part:]
     return sorted(rest, key=lambda s: s.path), sorted(part, key=lambda s: s.path)
 
 
@@ -190,11 +180,8 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
     else:
         images, non_images = find_images(data_dir)
         samples = [Sample(path, CLASSES.index(label)) for path, label, _ in images]
-        if official:
-            train, test = ([s for s, image in zip(samples, images) if image[2] == part]
-                           for part in official)
-        else:
-            train, test = stratified_split(samples, 0.2, seed)
+        train, test = ([s for s, image in zip(samples, images) if image[2] == part]
+                       for part in official) if official else stratified_split(samples, 0.2, seed)
         source = "official" if official else f"seeded 80/20 (seed {seed})"
         splits = Splits(train, [], test, source, non_images)
     for k, (part, samples) in enumerate((("train", splits.train), ("test", splits.test))):
@@ -229,9 +216,8 @@ def load_rgb(path):
         image.load()
     except Exception as error:  # PIL raises several types for truncated or non-image files
         raise DecodeError(f"{path}: cannot decode image ({error}); remove it or pass --skip-bad")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit MRI exports: stretch the used range to 0..255 (plain convert("L") clips it)
-        pixels = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit: convert("L") would clip
+        pixels = np.asarray(image, dtype=np.float64)  # so stretch the used range to 0..255
         low, high = pixels.min(), pixels.max()
         pixels = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
         image = Image.fromarray(pixels.round().astype(np.uint8))  # mode L
@@ -245,13 +231,11 @@ def image_view(image, content_hash, view, image_size):
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     if view == 0:
         return pixels.contiguous()
-    # the view's generator depends on (content, view) only, never on --seed: cacheable
-    digest = hashlib.sha1(f"{content_hash}:{view}".encode()).hexdigest()
-    g = torch.Generator().manual_seed(int(digest[:15], 16))
+    digest = hashlib.sha1(f"{content_hash}:{view}".encode()).hexdigest()  # not --seed: cacheable
+    g = torch.Generator().manual_seed(int(digest[:15], 16))  # depends on (content, view) only
     uniform = lambda low, high: low + (high - low) * torch.rand((), generator=g).item()
-    for dim in (-1, -2):  # a horizontal, then a vertical flip, each with probability 1/2
-        if torch.rand((), generator=g) < 0.5:
-            pixels = pixels.flip(dim)
+    flips = [dim for dim in (-1, -2) if torch.rand((), generator=g) < 0.5]  # each with p = 1/2
+    pixels = pixels.flip(flips)  # a horizontal and/or a vertical flip
     pixels = TF.affine(pixels, angle=uniform(-ROTATION_DEGREES, ROTATION_DEGREES), translate=[0, 0],
                        scale=uniform(*ZOOM_RANGE), shear=[0.0, 0.0],
                        interpolation=TF.InterpolationMode.BILINEAR)
@@ -265,8 +249,7 @@ def image_view(image, content_hash, view, image_size):
 
 class FeatureCache:
     """Stem outputs, one file per (image content, view), in a folder named by a hash of all that
-    determines them: model.cache_key (the tower's printed architecture, its frozen weights' digest,
-    ...), augmentation, torch version. Entries start with their SHA-1, checked on every read."""
+    determines them (model.cache_key, augmentation, torch version); checksummed entries (SHA-1)."""
 
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
@@ -335,17 +318,15 @@ def few_shot(samples, shots, seed, split):
     """`shots` samples of each class, drawn with the seed, in path order (the K-shot protocol)."""
     fewest = min(sum(s.label == c for s in samples) for c in range(len(CLASSES)))
     if fewest < shots:
-        raise SystemExit(f"error: --shots {shots}: a class has only {fewest} {split} images; "
-                         f"pass fewer")
+        raise SystemExit(f"error: --shots {shots}: a class has {fewest} {split} images; pass fewer")
     return stratified_split(samples, None, seed, shots)[1]
 
 
 def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
-    """Run the stem on each (image, view) of jobs {path: (content hash, view ids)} that the cache
-    lacks, a batch of views at a time: decode its images (each once), then store its views.
-    Returns the undecodable paths (skip_bad; else the first stops the run). No cache (--no-cache):
-    each image is decoded, to find the bad ones before training. Under torchrun each rank takes
-    every N-th batch: whole batches, so each entry holds the bytes one process would write."""
+    """Store the stem's outputs of each (image, view) of jobs {path: (content hash, view ids)} the
+    cache lacks, a batch of views at a time (each image decoded once); return the undecodable paths
+    (skip_bad; else the first stops the run), all it does with no cache. Under torchrun each rank
+    takes every N-th batch: whole batches, so each entry holds the bytes one process would write."""
     todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
             if cache is None or not os.path.exists(cache.path(h, v))]
     batches = range(0, len(todo), batch_size)
@@ -368,12 +349,11 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
                  for path, h, v in batch if path in images and cache is not None]
         if views:
             store_stem(model, cache, *zip(*views))
-    everyone = [bad]  # every rank's undecodable images, in todo order
-    if dist.is_initialized():
+    if dist.is_initialized():  # every rank's undecodable images
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, bad)
-    bad = [path for path in dict.fromkeys(p for p, _, _ in todo)
-           if any(path in rank_bad for rank_bad in everyone)]
+        bad = sum(everyone, [])
+    bad = [path for path in dict.fromkeys(p for p, _, _ in todo) if path in bad]  # in todo order
     if todo and cache is not None:
         print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
               f"({cache.dir})")
@@ -391,10 +371,9 @@ def synth_image(label, rng, size=96):
     # tissue: random weights' attention lands on it, not on the lesion (tests/test_explain.py)
     cx, cy = size * rng.uniform(0.49, 0.51), size * rng.uniform(0.49, 0.51)
     rx, ry = size * rng.uniform(0.36, 0.37), size * rng.uniform(0.41, 0.42)
-    for grow, grey in ((size * 7 / 96, (230, 250)), (size * 2 / 96, (15, 35))):
+    for grow, grey in ((size * 7 / 96, (230, 250)), (size * 2 / 96, (15, 35)), (0, (90, 130))):
         draw.ellipse([cx - rx - grow, cy - ry - grow, cx + rx + grow, cy + ry + grow],
-                     fill=int(rng.uniform(*grey)))
-    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=int(rng.uniform(90, 130)))  # brain
+                     fill=int(rng.uniform(*grey)))  # scalp, its dark inner edge, the brain
     draw.ellipse([cx - rx * 0.35, cy - ry * 0.2, cx + rx * 0.35, cy + ry * 0.2],
                  fill=int(rng.uniform(50, 70)))  # ventricles
     name, box = CLASSES[label], None
@@ -494,9 +473,8 @@ def area_resize(grey, size):
     """(H, W) -> (size, size) float64, each cell the mean over its exact footprint. Unlike PIL's
     BOX filter (224 -> 64 rounds the footprints) it commutes with mirroring: a mirror scores 1."""
     def weights(n):  # (size, n): overlap of output cell i with input cell k, over the cell size
-        edges = np.arange(size + 1) * n / size
-        overlap = np.minimum(edges[1:, None], np.arange(1, n + 1)) - np.maximum(edges[:-1, None],
-                                                                               np.arange(n))
+        edges, cells = np.arange(size + 1) * n / size, np.arange(n + 1)  # output, input edges
+        overlap = np.minimum(edges[1:, None], cells[1:]) - np.maximum(edges[:-1, None], cells[:-1])
         return overlap.clip(0) * size / n
     return weights(grey.shape[0]) @ np.asarray(grey, dtype=np.float64) @ weights(grey.shape[1]).T
 
@@ -552,11 +530,10 @@ def load_signatures(data_dir, paths, cache_dir=None, file_hashes=None):
                                 for k in range(0, len(thumbs), 1024)])
         cached.update(zip(missing, zip(hashes, signatures.numpy())))
         if cache_dir:  # written to a temporary file, then renamed: never half a file
-            os.makedirs(cache_dir, exist_ok=True)
-            entry_hashes, entry_signatures = zip(*cached.values())
             stats.atomic_write(cache_file, lambda f: np.savez(
-                f, settings=SIGNATURE_SETTINGS, keys=list(cached), hashes=entry_hashes,
-                signatures=np.stack(entry_signatures)))
+                f, settings=SIGNATURE_SETTINGS, keys=list(cached),
+                hashes=[entry[0] for entry in cached.values()],
+                signatures=np.stack([entry[1] for entry in cached.values()])))
     signatures = np.array([cached[key][1] for key in keys], np.float16)
     signatures = torch.from_numpy(signatures).float().reshape(-1, THUMB_SIZE, THUMB_SIZE)
     return [cached[key][0] for key in keys], signatures
@@ -592,8 +569,7 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
     return found
 
 
-def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None,
-                               file_hashes=None):
+def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None, file_hashes=None):
     """The test paths with an exact or transformed copy in train_paths (the rest is leak-free);
     file_hashes: {path: file_hash(path)} when the caller has read them already."""
     test_paths = list(test_paths)
@@ -650,19 +626,17 @@ def assign_groups_to_parts(group_labels, group_sizes, fractions, seed):
 def write_split(data_dir, out_csv, seed, leak_free, cache_dir=None):
     """`data.py split`: out_csv (path,label,split), a stratified 80/10/10 split of every image;
     leak_free: copies (exact, transformed) form one group, and whole groups go to one part."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from scipy.sparse import coo_matrix, csgraph
     images = find_images(data_dir)[0]
     paths = [path for path, _, _ in images]
     pairs = find_pairs(*load_signatures(data_dir, paths, cache_dir)) if leak_free else {}
     links = np.array(list(pairs), np.int64).reshape(-1, 2)  # (pairs, 2): the images of each copy
     graph = coo_matrix((np.ones(len(links)), links.T), shape=(len(images), len(images)))
-    n_groups, group_of = connected_components(graph, directed=False)
+    n_groups, group_of = csgraph.connected_components(graph, directed=False)
     counts = np.zeros((n_groups, len(CLASSES)), int)  # (groups, classes)
     np.add.at(counts, (group_of, [CLASSES.index(label) for _, label, _ in images]), 1)
-    # majority label of each group, ties to the first class in CLASSES order
-    part_of_group = assign_groups_to_parts(counts.argmax(1).tolist(), counts.sum(1).tolist(),
-                                           (0.8, 0.1, 0.1), seed)
+    majority = counts.argmax(1).tolist()  # each group's label, ties to the first in CLASSES
+    part_of_group = assign_groups_to_parts(majority, counts.sum(1).tolist(), (0.8, 0.1, 0.1), seed)
     parts = [("train", "val", "test")[part_of_group[group]] for group in group_of]
     write_csv(out_csv, [("path", "label", "split")] + [
         (path, label, part) for (path, label, _), part in zip(images, parts)])
@@ -673,15 +647,18 @@ def write_split(data_dir, out_csv, seed, leak_free, cache_dir=None):
 def merge_datasets(sources, out_dir):
     """`data.py merge` into out_dir/<class>/, dropping images with a copy in an earlier source
     (not within one: `split --leak-free` groups those); manifest.csv says what became of each."""
+    for source in sources:  # writing into a source would change it
+        if os.path.commonpath([os.path.realpath(source), os.path.realpath(out_dir)]) == \
+                os.path.realpath(source):
+            raise SystemExit(f"error: --out {out_dir}: inside the source {source}, which it "
+                             f"would change; choose a folder outside every source")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise SystemExit(f"error: {out_dir}: exists and is not an empty folder; choose a new --out")
-    items = []  # (source name, file, label or None, skip reason), sources in order
-    for number, source in enumerate(sources, start=1):
-        name = f"{number}-{os.path.basename(os.path.normpath(source))}"  # unique, e.g. 2-br35h
-        for path, label, _ in find_images(source, UNLABELLED_FOLDERS)[0]:
-            reason = UNLABELLED_FOLDERS.get(label)
-            items.append((name, os.path.join(source, path), None if reason else label, reason))
-    labelled = [k for k, item in enumerate(items) if item[2]]
+    items = [(f"{number}-{os.path.basename(os.path.normpath(source))}",  # unique, e.g. 2-br35h
+              os.path.join(source, path), label)  # label: a class, or a key of UNLABELLED_FOLDERS
+             for number, source in enumerate(sources, start=1)
+             for path, label, _ in find_images(source, UNLABELLED_FOLDERS)[0]]
+    labelled = [k for k, item in enumerate(items) if item[2] not in UNLABELLED_FOLDERS]
     hashes, signatures = load_signatures("", [items[k][1] for k in labelled])
     undecodable = {k for k, h in zip(labelled, hashes) if h.startswith("undecodable")}
     original = {}  # dropped item -> (the item it copies: a kept one where a pair says so, how)
@@ -693,25 +670,27 @@ def merge_datasets(sources, out_dir):
                                            and i not in original):  # within one source: stay
             how = transform.replace("identity", "resized/re-encoded")
             original[j] = (i, "exact" if kind == "exact" else how)
-    rows, kept = [], {}  # kept: item -> its path in out_dir, or the path of its kept copy
-    for k, (name, path, label, reason) in enumerate(items):
-        dest, status, copy_of, how = "", f"skipped: {reason}", "", ""
-        if k in undecodable:
+    rows = []  # one per item: its row of manifest.csv
+    for k, (name, path, label) in enumerate(items):
+        dest, copy_of, how = "", "", ""
+        if label in UNLABELLED_FOLDERS:
+            status, label = f"skipped: {UNLABELLED_FOLDERS[label]}", ""
+        elif k in undecodable:
             status = "skipped: cannot decode image"
         elif k in original:
             i, how = original[k]
             while i in original:  # a copy of a dropped copy only: the kept image it leads to
                 i = original[i][0]
-            kept[k] = copy_of = kept[i]
+            copy_of = rows[i][0]  # where the kept image was copied to
             status = "dropped (label conflict)" if items[i][2] != label else "dropped"
-        elif label:
+        else:
             dest = f"{label}/{os.path.basename(path)}"
             while os.path.exists(os.path.join(out_dir, dest)):  # name taken: prefix the source
                 dest = f"{label}/{name}_{os.path.basename(dest)}"
             os.makedirs(os.path.join(out_dir, label), exist_ok=True)
             shutil.copyfile(path, os.path.join(out_dir, dest))
-            kept[k], status = dest, "copied"
-        rows.append((dest, path, name, label or "", status, copy_of, how))
+            status = "copied"
+        rows.append((dest, path, name, label, status, copy_of, how))
     write_csv(os.path.join(out_dir, "manifest.csv"), [(
         "dest_path", "source_path", "source_dataset", "label", "status", "copy_of", "how")] + rows)
     status = Counter(row[4].split(" ")[0] for row in rows)
@@ -744,13 +723,6 @@ def main(argv=None):
     merge.add_argument("sources", nargs="+", metavar="SRC", help="dataset folders, first wins")
     merge.add_argument("--out", required=True, help="new or empty folder to write")
     args = parser.parse_args(argv)
-    if args.command == "split":  # the input checks: no output replaced or inside a source
-        stats.check_new_output(args.out, args.overwrite)
-    for source in getattr(args, "sources", []):
-        if os.path.commonpath([os.path.realpath(source), os.path.realpath(args.out)]) == \
-                os.path.realpath(source):
-            raise SystemExit(f"error: --out {args.out}: inside the source {source}, which it "
-                             f"would change; choose a folder outside every source")
     if args.command == "synth":
         write_synthetic_dataset(args.out, args.per_class, args.seed)
         print(f"wrote {args.out}: Training/ and Testing/ with {', '.join(CLASSES)}, lesions.csv, "
@@ -758,6 +730,7 @@ def main(argv=None):
     elif args.command == "audit":
         run_audit(args.data, args.out, args.cache)
     elif args.command == "split":
+        stats.check_new_output(args.out, args.overwrite)  # no output replaced unasked
         write_split(args.data, args.out, args.seed, args.leak_free, args.cache)
     else:
         merge_datasets(args.sources, args.out)
