@@ -87,9 +87,8 @@ def tensor_digest(tensors):
 # ---- model -------------------------------------------------------------------------------------
 
 def fused_qkv(qkv, heads, normed, n_queries=None):
-    """(query (B, nh, Q, hd), keys, values (B, nh, T, hd)) of a fused qkv Linear (timm's, BLIP's):
-    rows [0, D) of its weight make the query, [D, 2D) the keys, [2D, 3D) the values. The query is
-    computed for the first n_queries tokens only (1: CLS), or for all T."""
+    """(query (B, nh, Q, hd), keys, values (B, nh, T, hd)) of a fused qkv Linear (timm's, BLIP's:
+    weight rows [0, D) query, [D, 2D) keys, [2D, 3D) values), the query for the first n_queries."""
     width = normed.shape[-1]
     bias = qkv.bias if qkv.bias is not None else qkv.weight.new_zeros(3 * width)
     queries = normed if n_queries is None else normed[:, :n_queries]
@@ -100,9 +99,8 @@ def fused_qkv(qkv, heads, normed, n_queries=None):
 
 
 def cls_only_block(block, tokens):
-    """block(tokens)[:, :1] of a ViT block (open_clip's or timm's), computing only what CLS needs:
-    keys and values come from all tokens, but the query, attention output and MLP run on one
-    token instead of 1 + H*W, ~2/3 of the block's work skipped for ViT-B/16 (tested to 1e-5)."""
+    """block(tokens)[:, :1] of an open_clip or timm ViT block (a test: 1e-5): keys and values from
+    all tokens, the rest for CLS alone, ~2/3 of the block's work skipped for ViT-B/16."""
     if hasattr(block, "ln_1"):  # open_clip ResidualAttentionBlock: nn.MultiheadAttention
         normed = block.ln_1(tokens)                                      # (B, 1 + H*W, D)
         attended = block.attn(normed[:, :1], normed, normed, need_weights=False)[0]  # (B, 1, D)
@@ -116,9 +114,8 @@ def cls_only_block(block, tokens):
 
 
 class FrozenStem(nn.Module):
-    """What the three models share: the parts in self.frozen_parts stay in eval mode while the
-    model trains, so the full forward (--no-cache) equals the cached path, which ran them in eval
-    mode (dropout off, BatchNorm statistics fixed)."""
+    """Every model's base: self.frozen_parts stay in eval mode (no dropout, fixed BatchNorm) while
+    the model trains, as in the cached path, so the full forward (--no-cache) equals it."""
 
     def train(self, mode=True):
         super().train(mode)
@@ -196,16 +193,15 @@ class CLIPClassifier(FrozenStem):
         return self.visual.ln_pre(x)                                     # (B, 1 + H*W, D)
 
     def stem(self, images):
-        """The frozen part, cached on disk: (B, 1 + H*W, D) tokens entering the trainable
-        blocks, or (B, 1, D), the final CLS token, when no block trains (a linear probe)."""
+        """The frozen part, cached: (B, 1 + H*W, D) tokens entering the trainable blocks, or
+        (B, 1, D), the final CLS token, when none trains (a linear probe)."""
         x = self.embed(images)
         for block in self.stem_blocks:
             x = block(x)
         return x if len(self.top_blocks) else x[:, :1]
 
     def top(self, tokens):
-        """Trainable part from cached stem tokens: all blocks but the last on all tokens, the
-        last for CLS only."""
+        """Cached stem tokens -> logits: the last block for CLS only."""
         if not len(self.top_blocks):
             return self.classify(tokens[:, 0])
         for block in self.top_blocks[:-1]:
@@ -311,10 +307,9 @@ def build_model(args):
 # ---- adversarial examples: FGSM and PGD ---------------------------------------------------------
 
 def attack(model, images, labels, steps, step_size, radius):
-    """Adversarial copies of images (B, 3, S, S) in [0, 1] pixels, before normalisation: `steps`
-    signed-gradient steps of step_size up the cross-entropy, each projected to the L-inf ball of
-    `radius` around the images and to [0, 1]. FGSM: one step of eps in a ball of eps. No random
-    start (torchattacks' random_start=False: a test compares); eval mode, as torchattacks."""
+    """Adversarial copies of [0, 1] images (B, 3, S, S): `steps` signed-gradient steps of step_size
+    up the cross-entropy, each projected to the L-inf ball of `radius` and to [0, 1] (FGSM: one
+    step of eps). Eval mode, no random start: as torchattacks, which a test compares."""
     was_training = model.training
     model.eval()
     adversarial = images.detach()
@@ -336,10 +331,9 @@ def attack_settings(args, method):
 
 
 def adversarial_view_maker(args, build_model, device, samples, hashes):
-    """(make_view, view id) for the cached path: view `view id` of a training sample is its plain
-    view attacked once by the starting model (pretrained weights and the zero-shot prompt head,
-    so no seed or random head enters; a CNN's is its seeded new layer), then cached like any view
-    (keyed by content, so one label per content). Static: the paper attacks the current model."""
+    """(make_view, view id) for the cached path: that view is the plain one attacked once by the
+    starting model (the prompt head: no seed enters; a CNN's seeded new layer), cached by content
+    (so one label per content). Static: the paper attacks the current model (--no-cache)."""
     labels = {hashes[s.path]: s.label for s in samples}
     conflicts = [s.path for s in samples if labels[hashes[s.path]] != s.label]
     if conflicts:
@@ -361,7 +355,7 @@ def adversarial_view_maker(args, build_model, device, samples, hashes):
 
 def attacked_accuracy(model, test_inputs, args):
     """metrics["test_fgsm"], ["test_pgd"]: the full network's accuracy on attacked test images
-    (a stratified subset of about --attack-n when given) and on the same images unattacked."""
+    (about --attack-n of them, stratified) and on the same images clean."""
     samples = test_inputs.samples
     if args.attack_n and args.attack_n < len(samples):
         samples = data.stratified_split(samples, args.attack_n / len(samples), args.seed)[1]
@@ -388,9 +382,8 @@ def attacked_accuracy(model, test_inputs, args):
 # Without torchrun (no WORLD_SIZE) none of this runs: rank 0 of 1, no wrapper.
 
 def init_distributed(device):
-    """This process's rank, after joining torchrun's process group if there is one: gloo on CPU,
-    NCCL on CUDA (one GPU per rank). A rank that dies ends the job (torchrun stops the others);
-    one that stalls, through the 60 s timeout of the rank waiting for it."""
+    """This rank, after joining torchrun's group if any (gloo on CPU, NCCL with a GPU per rank). A
+    dead rank ends the job (torchrun stops the others); a stalled one, by the 60 s timeout."""
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else None
         if gpu:
@@ -416,9 +409,9 @@ class Logits(nn.Module):  # DDP syncs what runs through forward(); the cached pa
 
 
 def data_parallel(inputs):
-    """The step's logits: inputs.logits in one process, else through DDP (static graph: the same
-    parameters each step, some unused, e.g. CLIP's projection by the mlp head). BatchNorm is synced
-    on GPU; torch's SyncBatchNorm is GPU-only: on CPU each rank normalises its own slice."""
+    """The step's logits: inputs.logits, under torchrun through DDP (a static graph: some weights
+    unused, e.g. CLIP's projection by the mlp head). BatchNorm syncs on GPU only (SyncBatchNorm):
+    on CPU each rank normalises its own slice."""
     if not dist.is_initialized():
         return inputs.logits
     if inputs.model.mean.is_cuda:
@@ -427,9 +420,9 @@ def data_parallel(inputs):
 
 
 def rank_slice(indices, labels, class_weight):
-    """(this rank's images of a global batch, its loss factor): DDP averages gradients, so each
-    rank's mean loss is scaled by N x its share of the batch's loss weight (images, or their class
-    weights: CE and focal are weighted means), which makes ragged slices exact too."""
+    """(this rank's images of a global batch, its loss factor): DDP averages gradients, so a rank's
+    mean loss is scaled by N x its share of the batch's weight (images, or their class weights),
+    exact for ragged slices too."""
     rank, world = rank_and_world()
     weight = lambda y: len(y) if class_weight is None else class_weight[y].sum().item()
     mine = indices[rank::world]
@@ -439,16 +432,15 @@ def rank_slice(indices, labels, class_weight):
 # ---- training ----------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
-    """torch.save with the bytes' SHA-1 first, as a cache entry (stats.write_checked): written to
-    a temporary file, then renamed, so a killed run never leaves half a file."""
+    """torch.save, its bytes' SHA-1 first and written atomically (stats.write_checked)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     stats.write_checked(path, buffer.getvalue())
 
 
 def load_checkpoint(path, model=None):
-    """The dict atomic_save wrote to path (a damaged one stops, named); with model, its weights
-    loaded: exactly the model's trainable ones (strict=False alone skips others), finite."""
+    """The dict atomic_save wrote (damaged: stops, named); with model, loads its weights, which
+    must be finite and exactly the model's trainable ones (strict=False alone skips others)."""
     checkpoint = torch.load(io.BytesIO(stats.read_checked(path, True)), weights_only=True)
     weights = checkpoint["model"]
     problem = "" if model is None or set(weights) == set(trainable_state(model)) else \
@@ -522,10 +514,9 @@ def accuracy_and_loss(inputs, batch_size):
 def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, view_ids=None,
           batch_loss=None, select=None):
     """The training loop: AdamW, warm-up and warm restarts, the best epoch by the selection split's
-    score (a tie, common on small sets, to the lower loss); each image's view is drawn from view_ids
-    (default 0 .. --views - 1) every epoch. A classifier's loss and accuracy by default; the
-    captioner passes batch_loss(batch, indices) -> its LM loss and select(inputs) -> ("cider",
-    CIDEr-D, loss)."""
+    score (a tie to the lower loss), each image's view drawn from view_ids every epoch. The
+    captioner passes batch_loss(batch, indices) -> loss and select(inputs) -> ("cider", score,
+    loss) for the classifier's loss and accuracy."""
     device = model.mean.device
     params = [p for p in model.parameters() if p.requires_grad]  # no weight decay for gains,
     optimizer = torch.optim.AdamW([  # biases and the logit scale, as open_clip's training
@@ -656,9 +647,8 @@ def pick_device(args):
 
 
 def load_splits(args):
-    """Train, validation and test samples. --shots K: K training images per class and, unless
-    --val-fraction is given, K validation images per class (a K-shot protocol has no large
-    validation set) from the labelled images the training shots left, both drawn with the seed."""
+    """Train, validation and test samples; --shots K: K per class for training and (a K-shot
+    protocol has no large validation set), unless --val-fraction is given, for validation."""
     val_fraction = 0.0 if args.select_on == "test" else args.val_fraction or VAL_FRACTION
     splits = data.load_splits(args.data, args.seed, val_fraction, args.split)
     if args.shots:
@@ -674,9 +664,8 @@ def load_splits(args):
 
 
 def cache_inputs(args, build_model, model, splits, hashes, cache, device):
-    """(each split's Inputs, the training views, undecodable paths, seconds): the stem's output
-    of every image and view stored in the feature cache (--no-cache: every image is decoded once,
-    to stop early on a bad one); hashes: {path: content SHA-1}, for the cache and the leak check."""
+    """(each split's Inputs, the training views, undecodable paths, seconds): the stem's output of
+    every image and view cached (--no-cache: each image decoded once, to stop early on a bad one)."""
     started = time.time()
     view_ids, make_view = list(range(args.views)), data.image_view
     if args.adversarial != "none" and cache and args.epochs:  # one cached adversarial view each
@@ -695,8 +684,7 @@ def cache_inputs(args, build_model, model, splits, hashes, cache, device):
 
 def write_config(args, model, splits, split, bad, out_dir):
     """config.json: every option, the stem's identity, the split ({part: {path: SHA-1}}: a resume
-    checks it), per-class counts and what was left out; returns how the run trains adversarially
-    (also in metrics.json)."""
+    checks it), counts, what was left out; returns how the run trains adversarially."""
     adversarial = "none" if args.adversarial == "none" else f"{args.adversarial}, " + (
         "exact: each batch attacked by the current model and trained 1:1 with the clean one"
         if args.no_cache else "static: one cached view per training image, made once by the "
@@ -718,9 +706,9 @@ def write_config(args, model, splits, split, bad, out_dir):
 
 
 def start_run(args, build_model, out_dir, recorded):
-    """(device, checkpoint, splits, {part: {path: content SHA-1}}, {path: SHA-1}, model) of a run
-    about to start, every input checked (the options; on --resume the checkpoint and the images
-    it started with, recorded), nothing written yet: shared by run_one and caption_tumor.py."""
+    """(device, checkpoint, splits, {part: {path: SHA-1}}, {path: SHA-1}, model) of a run about to
+    start, every input checked (on --resume the checkpoint and the images, recorded), nothing
+    written yet."""
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.isfile(
         checkpoint_path) else None
@@ -739,8 +727,8 @@ def start_run(args, build_model, out_dir, recorded):
 
 
 def run_one(args, build_model, out_dir, recorded=None):
-    """One seed: splits, model, feature cache, training, evaluation, the run folder (recorded:
-    the split a resumed run started with). Under torchrun rank 0 alone writes and evaluates."""
+    """One seed: splits, model, feature cache, training, evaluation, the run folder. Under torchrun
+    rank 0 alone writes and evaluates."""
     device, checkpoint, splits, split, hashes, model = start_run(args, build_model, out_dir,
                                                                  recorded)
     rank = init_distributed(device)  # 0 without torchrun
@@ -794,9 +782,8 @@ def run_one(args, build_model, out_dir, recorded=None):
 
 
 def run(args, build_model, script, one_run=None, epochs=EPOCHS):
-    """--benchmark, or one run (--resume: a stopped one, with its own options) by run_one or the
-    script's own one_run (captioning). Seeds: one run each, then `python stats.py summary RUN...`
-    gives mean +- std (see the README)."""
+    """--benchmark, or one run (--resume: with its own options) by run_one or the script's own
+    one_run; seeds are runs of their own (`stats.py summary RUN...`: mean +- std)."""
     args.script = script  # saved with the run: predict.py rebuilds the model with this script
     if args.benchmark:
         result = benchmark(build_model(args), pgd_steps=args.pgd_steps)
@@ -817,9 +804,8 @@ def run(args, build_model, script, one_run=None, epochs=EPOCHS):
 # ---- benchmark ---------------------------------------------------------------------------------
 
 def ms_per_image(timed, rounds, batch_size, digits=2):
-    """{name: median ms per image} of the callables timed, each called once a round in turn
-    (a, b, c, a, b, c, ...) so that load from other jobs hits all alike; round 0, which warms up
-    the allocator and kernel choice, is left out."""
+    """{name: median ms per image} of the callables, called in turn (a, b, c, a, b, c, ...) so that
+    other jobs' load hits all alike; round 0 (warm-up) is left out."""
     times = {name: [] for name in timed}
     for _ in range(rounds + 1):
         for name, fn in timed.items():
@@ -832,8 +818,7 @@ def ms_per_image(timed, rounds, batch_size, digits=2):
 
 def benchmark(model, batch_size=BATCH_SIZE, repeats=5, pgd_steps=PGD_STEPS):
     """ms per image of the stem, a naive step (whole network), a cached step, a cache read and an
-    FGSM view, timed in rounds (a, b, c, a, b, c, ...) so that load from other jobs hits all
-    alike; a PGD view is pgd_steps FGSM-like steps (computed: 7 x 6 rounds would take minutes)."""
+    FGSM view; a PGD view is computed as pgd_steps FGSM views (timing it would take minutes)."""
     images = torch.rand(batch_size, 3, model.image_size, model.image_size)
     labels = torch.arange(batch_size) % model.n_classes
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -926,8 +911,8 @@ def make_parser(description, epochs=EPOCHS):
 
 
 def demo_defaults(args):
-    """--demo's settings, which become defaults (the user's options still win): the synthetic
-    dataset (written once to the demo folder), its own cache, 20 epochs of 2 views at 1e-3."""
+    """--demo's defaults (given options win): the synthetic dataset, written once, its own cache,
+    20 epochs of 2 views at 1e-3."""
     demo_data = os.path.join(DEMO_DIR, "data-v3")  # v3: captions.csv (images as v2: a scalp)
     if not os.path.isdir(demo_data):
         data.write_synthetic_dataset(demo_data, per_class=60, seed=0)
@@ -939,8 +924,8 @@ def demo_defaults(args):
 
 
 def parse_args(parser, argv=None, model_demo_defaults=dict):
-    """argv -> options. With --demo, demo_defaults() and the script's model_demo_defaults() (a
-    tiny random model, written to the demo folder) become defaults and argv is parsed again."""
+    """argv -> options; with --demo, argv parsed again over demo_defaults() and the script's
+    model_demo_defaults() (its tiny random model)."""
     args = parser.parse_args(argv)
     if args.demo:
         os.makedirs(DEMO_DIR, exist_ok=True)
