@@ -285,10 +285,8 @@ def load_clip(model_name, pretrained, activation=None):
                          f"({problem})" if local_file else
                          f"error: cannot obtain the weights '{pretrained}' of {model_name} "
                          f"({problem}). Offline? Run once online (cached in ~/.cache/huggingface)"
-                         f", or pass the downloaded file: --model {model_name}"
-                         f"{'-quickgelu' if openai_gelu else ''} --pretrained /path/to/open_clip_"
-                         f"pytorch_model.bin; a hub model: `hf download ORG/NAME --local-dir D`, "
-                         f"then --model local-dir:D; random weights: --pretrained none.")
+                         f", pass a downloaded file (--pretrained FILE), a hub model's folder "
+                         f"(--model local-dir:D), or random weights (--pretrained none).")
     if local_file or from_hub:
         weights = f"file:{tensor_digest(model.visual.parameters())[:16]}"
     return model, tokenizer, weights or "none"
