@@ -663,7 +663,7 @@ def load_splits(args):
 
 def cache_inputs(args, build_model, model, splits, hashes, cache, device):
     """(each split's Inputs, the training views, undecodable paths, seconds): the stem's output of
-    every image and view cached (--no-cache: each image decoded once, to stop early on a bad one)."""
+    every image and view cached (--no-cache: each image decoded once, to stop at a bad one)."""
     started = time.time()
     view_ids, make_view = list(range(args.views)), data.image_view
     if args.adversarial != "none" and cache and args.epochs:  # one cached adversarial view each
