@@ -5,11 +5,10 @@
     python data.py split --data DIR --out split.csv --leak-free   # copies kept in one part
     python data.py merge SRC... --out ./merged             # several datasets, one copy per image
 
---data DIR: the Kaggle layout DIR/Training/<class>/ + DIR/Testing/<class>/ (the official split),
-class folders DIR/<class>/ (stratified 80/20 by seed, as the paper's text says), or --split CSV
-(path,label,split); validation is a stratified, seeded part of training (default 10%).
-Measured on the Kaggle release (7,019 images): 994 of the 1,311 official test images have an
-exact or transformed copy in Training (all 405 notumor ones), 317 are leak-free.
+--data DIR: Kaggle's DIR/Training/<class>/ + DIR/Testing/<class>/ (the official split), class
+folders DIR/<class>/ (seeded stratified 80/20, as the paper says) or --split CSV (path,label,split);
+validation: a seeded stratified 10% of training. On Kaggle's 7,019 images, 994 of the 1,311
+official test images have an exact or transformed copy in Training (all 405 notumor); 317 leak-free.
 """
 import argparse
 import csv
@@ -149,19 +148,17 @@ def read_split_csv(split_csv, data_dir):
     with open(split_csv, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) is dropped
         reader = csv.DictReader(f)
         if not {"path", "label", "split"} <= set(reader.fieldnames or []):
-            raise SystemExit(f"error: {split_csv}: columns {reader.fieldnames}; need "
-                             f"path,label,split")
+            raise SystemExit(f"error: {split_csv}: has {reader.fieldnames}; need path,label,split")
         for line, row in enumerate(reader, start=2):
-            label, where = normalise_class_name(row["label"]), f"error: {split_csv}:{line}"
+            label = normalise_class_name(row["label"])
+            where = f"error: {split_csv}:{line}: {row['path']}"
             if label is None or row["split"] not in parts:
                 raise SystemExit(f"{where}: label {row['label']!r}, split {row['split']!r}; need "
                                  f"a class {CLASSES}, train/val/test")
             if not os.path.isfile(os.path.join(data_dir, row["path"])):
-                raise SystemExit(f"{where}: {row['path']} not found under {data_dir}; paths in a "
-                                 f"split CSV are relative to --data")
+                raise SystemExit(f"{where} not found in {data_dir}; paths are relative to --data")
             if row["path"] in listed:
-                raise SystemExit(f"{where}: {row['path']} is listed twice; each image belongs to "
-                                 f"one part")
+                raise SystemExit(f"{where} is listed twice; each image belongs to one part")
             listed.add(row["path"])
             parts[row["split"]].append(Sample(row["path"], CLASSES.index(label)))
     return Splits(parts["train"], parts["val"], parts["test"], f"split CSV {split_csv}", [])
@@ -185,8 +182,7 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
         source = "official" if official else f"seeded 80/20 (seed {seed})"
         splits = Splits(train, [], test, source, non_images)
     for k, (part, samples) in enumerate((("train", splits.train), ("test", splits.test))):
-        labels = {s.label for s in samples}
-        missing = [name for label, name in enumerate(CLASSES) if label not in labels]
+        missing = [name for name in CLASSES if all(CLASSES[s.label] != name for s in samples)]
         if missing:  # name the folder the class's images should be in
             where = split_csv or os.path.join(data_dir, official[k] if official else "", missing[0])
             raise SystemExit(f"error: {where}: no {missing[0]} image in the {part} split "
@@ -241,8 +237,7 @@ def image_view(image, content_hash, view, image_size):
                        interpolation=TF.InterpolationMode.BILINEAR)
     pixels = TF.adjust_brightness(pixels, uniform(*BRIGHTNESS_RANGE))
     pixels = TF.adjust_contrast(pixels, uniform(*CONTRAST_RANGE))
-    noise = torch.randn(pixels.shape, generator=g) * math.sqrt(NOISE_VARIANCE)
-    return (pixels + noise).clamp(0, 1)
+    return (pixels + torch.randn(pixels.shape, generator=g) * math.sqrt(NOISE_VARIANCE)).clamp(0, 1)
 
 
 # ---- the feature cache: the frozen stem's outputs on disk --------------------------------------
@@ -289,18 +284,17 @@ class Inputs:
         image = load_rgb(os.path.join(self.data_dir, sample.path))
         return self.make_view(image, self.hashes[sample.path], view, self.model.image_size)
 
-    def batch(self, indices, views):
-        if self.cache is None:
-            return torch.stack([self.pixels(i, v) for i, v in zip(indices, views)])
-        features = []
-        for i, v in zip(indices, views):
-            key = (self.hashes[self.samples[i].path], v)
+    def features(self, index, view):
+        key = (self.hashes[self.samples[index].path], view)
+        feature = self.cache.read(self.cache.path(*key))
+        if feature is None:  # damaged or deleted since the build: recompute and store
+            store_stem(self.model, self.cache, [self.pixels(index, view)], [key])
             feature = self.cache.read(self.cache.path(*key))
-            if feature is None:  # damaged or deleted since the build: recompute and store
-                store_stem(self.model, self.cache, [self.pixels(i, v)], [key])
-                feature = self.cache.read(self.cache.path(*key))
-            features.append(feature)
-        return torch.stack(features)
+        return feature
+
+    def batch(self, indices, views):
+        load = self.pixels if self.cache is None else self.features
+        return torch.stack([load(i, v) for i, v in zip(indices, views)])
 
     def logits(self, inputs):
         return self.model.top(inputs) if self.cache is not None else self.model(inputs)
@@ -323,10 +317,9 @@ def few_shot(samples, shots, seed, split):
 
 
 def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
-    """Store the stem's outputs of each (image, view) of jobs {path: (content hash, view ids)} the
-    cache lacks, a batch of views at a time (each image decoded once); return the undecodable paths
-    (skip_bad; else the first stops the run), all it does with no cache. Under torchrun each rank
-    takes every N-th batch: whole batches, so each entry holds the bytes one process would write."""
+    """Store the stem's outputs for the views of jobs {path: (content hash, view ids)} the cache
+    lacks; return the undecodable paths (skip_bad, else the first stops the run; all it does with
+    no cache). Under torchrun a rank takes every N-th batch, whole: the bytes one process writes."""
     todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
             if cache is None or not os.path.exists(cache.path(h, v))]
     batches = range(0, len(todo), batch_size)
@@ -335,8 +328,7 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
         batches = batches[dist.get_rank()::dist.get_world_size()]
     bad, started = [], time.time()
     model.eval()
-    for start in tqdm(batches, desc="feature cache", unit="batch",
-                      disable=not PROGRESS or not todo):
+    for start in tqdm(batches, desc="feature cache", unit="batch", disable=not (PROGRESS and todo)):
         batch, images = todo[start:start + batch_size], {}
         for path in dict.fromkeys(path for path, _, _ in batch):
             try:
@@ -355,8 +347,7 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
         bad = sum(everyone, [])
     bad = [path for path in dict.fromkeys(p for p, _, _ in todo) if path in bad]  # in todo order
     if todo and cache is not None:
-        print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
-              f"({cache.dir})")
+        print(f"feature cache: {len(todo)} views in {time.time() - started:.0f} s ({cache.dir})")
     return bad
 
 
@@ -400,9 +391,8 @@ def synth_image(label, rng, size=96):
 
 
 def synth_caption(name, box=None, size=96):
-    """A caption of what the generator knows of an image: its class, the lesion's size (box width
-    over the image's) and place in the image (left/right as seen, not the patient's sides);
-    without a box, the class template ('axial mri slice with a glioma'). Lower case, no commas."""
+    """The generator's caption: class, lesion size (box width / image width) and place (left/right
+    as seen, not the patient's sides); without a box, the class template. Lower case, no commas."""
     if name == "notumor":
         return "axial mri slice with no tumor"
     noun = CAPTION_NOUNS[name]
@@ -448,12 +438,11 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
 
 
 # ---- finding copies: for audit, split --leak-free, merge, and every run's leak check ----------
-# Each image becomes a 64 x 64 grey thumbnail (an exact area average), then a signature: its local
-# contrast normalisation (LCN: minus a Gaussian local mean, over the local std) removes brightness,
-# contrast, gamma and most sharpening and keeps the anatomy's edges, which tell a copy from a
-# neighbouring slice. A pair's score is the largest correlation of b's signature with the 8
-# flips/rotations of a's (the group D4). Calibrated on Kaggle's contact sheets: neighbouring slices
-# score 0.50-0.87, copies >= 0.92; in notumor (sharpened, contrast-stretched copies) 0.86 and up.
+# Signature: a 64 x 64 grey thumbnail (exact area average) after local contrast normalisation
+# (LCN: minus a Gaussian local mean, over the local std), which removes brightness, contrast, gamma
+# and most sharpening and keeps the edges that tell a copy from a neighbouring slice. Score: the
+# best correlation of b with the 8 flips/rotations (D4) of a. On Kaggle's contact sheets, adjacent
+# slices score 0.50-0.87, copies >= 0.92; notumor's (sharpened, contrast-stretched) 0.86 and up.
 THUMB_SIZE = 64             # side of the grey thumbnail that signatures are computed on
 LCN_SIGMA = 2.0             # pixels (at 64 x 64): scale of the LCN's local mean and std
 LCN_FLOOR = 0.3             # floor of the local std (global std 1): JPEG noise stays small
@@ -551,8 +540,7 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
         chunk = signatures_a[start:start + rows]                            # (c, S, S)
         transformed = torch.stack([x.flip(dims) for x in (chunk, chunk.transpose(1, 2))
                                    for dims in MIRROR_DIMS])                # (8, c, S, S)
-        scores = transformed.flatten(2) @ b[first:].T                       # (8, c, M - first)
-        best, transform = scores.max(0)
+        best, transform = (transformed.flatten(2) @ b[first:].T).max(0)    # over (8, c, M - first)
         keep = best >= threshold
         if within:  # only j > i: not the diagonal, nor a pair counted from the other side
             keep &= torch.arange(first, n_a) > torch.arange(start, start + keep.shape[0])[:, None]
@@ -647,9 +635,8 @@ def write_split(data_dir, out_csv, seed, leak_free, cache_dir=None):
 def merge_datasets(sources, out_dir):
     """`data.py merge` into out_dir/<class>/, dropping images with a copy in an earlier source
     (not within one: `split --leak-free` groups those); manifest.csv says what became of each."""
-    for source in sources:  # writing into a source would change it
-        if os.path.commonpath([os.path.realpath(source), os.path.realpath(out_dir)]) == \
-                os.path.realpath(source):
+    for source in map(os.path.realpath, sources):  # writing into a source would change it
+        if os.path.commonpath([source, os.path.realpath(out_dir)]) == source:
             raise SystemExit(f"error: --out {out_dir}: inside the source {source}, which it "
                              f"would change; choose a folder outside every source")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -725,8 +712,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "synth":
         write_synthetic_dataset(args.out, args.per_class, args.seed)
-        print(f"wrote {args.out}: Training/ and Testing/ with {', '.join(CLASSES)}, lesions.csv, "
-              f"captions.csv")
+        print(f"wrote {args.out}: Training/, Testing/ (class folders), lesions.csv, captions.csv")
     elif args.command == "audit":
         run_audit(args.data, args.out, args.cache)
     elif args.command == "split":
