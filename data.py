@@ -42,8 +42,7 @@ SPLIT_FOLDERS = {"training": "train", "train": "train", "testing": "test", "test
 CAPTION_NOUNS = {"glioma": "glioma", "meningioma": "meningioma", "pituitary": "pituitary tumor"}
 PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only; a log gets a line per phase
 
-# Augmentation of views 1..K-1 (the paper's Data Preprocessing list). Changing any number here
-# changes AUGMENTATION_ID, which is part of the feature-cache key, so no stale view is ever read.
+# Augmentation of views 1..K-1 (paper: Data Preprocessing); AUGMENTATION_ID is in the cache key.
 ROTATION_DEGREES = 15.0      # rotation drawn uniformly in [-15, 15] degrees
 ZOOM_RANGE = (0.9, 1.1)      # scale factor of the affine zoom
 BRIGHTNESS_RANGE = (0.8, 1.2)
@@ -243,8 +242,7 @@ def image_view(image, content_hash, view, image_size):
 # ---- the feature cache: the frozen stem's outputs on disk --------------------------------------
 
 class FeatureCache:
-    """Stem outputs, one file per (image content, view), in a folder named by a hash of all that
-    determines them (model.cache_key, augmentation, torch version); checksummed entries (SHA-1)."""
+    """Stem outputs: a checksummed file per (image content, view), under a hash of the key below."""
 
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
@@ -357,9 +355,8 @@ def synth_image(label, rng, size=96):
     """(grey MRI-like image of the class, its lesion's box (x0, y0, x1, y1), None for notumor)."""
     image = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(image)
-    # one head shape, +-1 % (a varying bright outline would be what random features see), told
-    # apart by the noise (the leak check finds no copies); on T1, scalp fat is the brightest
-    # tissue: random weights' attention lands on it, not on the lesion (tests/test_explain.py)
+    # one head shape +-1 % (random features would see a varying bright outline), told apart by
+    # noise (no copies); T1 scalp fat is brightest: random weights attend to it (test_explain.py)
     cx, cy = size * rng.uniform(0.49, 0.51), size * rng.uniform(0.49, 0.51)
     rx, ry = size * rng.uniform(0.36, 0.37), size * rng.uniform(0.41, 0.42)
     for grow, grey in ((size * 7 / 96, (230, 250)), (size * 2 / 96, (15, 35)), (0, (90, 130))):
@@ -407,9 +404,8 @@ def synth_caption(name, box=None, size=96):
 
 
 def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
-    """Kaggle layout (per_class training, max(per_class // 4, 5) test images per class), lesions.csv
-    (path,x0,y0,x1,y1; x1, y1 exclusive), captions.csv (path,caption: synth_caption; the images are
-    those of the generator before captions): out_dir.partial<pid>, renamed (a killed one stays)."""
+    """Kaggle layout (per_class training, max(per_class // 4, 5) test images a class), lesions.csv
+    (path,x0,y0,x1,y1; x1, y1 exclusive), captions.csv; built in out_dir.partial<pid>, renamed."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"error: {out_dir}: folder is not empty; choose a new --out")
     partial = f"{os.path.normpath(out_dir)}.partial{os.getpid()}"  # one per writer
@@ -425,7 +421,7 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
                 image.save(os.path.join(partial, path), quality=95)
                 if box:
                     boxes.append((path, *box))
-                captions.append((path, synth_caption(name, box, size)))
+                captions.append((path, synth_caption(name, box, size)))  # draws no random number
     write_csv(os.path.join(partial, "lesions.csv"), boxes)
     write_csv(os.path.join(partial, "captions.csv"), captions)
     try:
@@ -473,8 +469,7 @@ def lcn_signatures(thumbnails):
     beta leaves them unchanged; a flat image gets the zero signature (it scores 0)."""
     x = torch.from_numpy(np.asarray(thumbnails, dtype=np.float32))
     size, radius = x.shape[-1], int(math.ceil(3 * LCN_SIGMA))
-    # Gaussian blur as an (S, S) matrix, replicated edges folded in: symmetric, so it commutes
-    # with D4, and two small matrix products are far faster than a CPU convolution
+    # Gaussian blur as a symmetric (S, S) matrix, edges replicated: commutes with D4, beats conv2d
     blur, rows = torch.zeros(size, size), torch.arange(size)
     for offset in range(-radius, radius + 1):
         blur[rows, (rows + offset).clamp(0, size - 1)] += math.exp(-offset**2 / 2 / LCN_SIGMA**2)
@@ -558,8 +553,7 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
 
 
 def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None, file_hashes=None):
-    """The test paths with an exact or transformed copy in train_paths (the rest is leak-free);
-    file_hashes: {path: file_hash(path)} when the caller has read them already."""
+    """test_paths with an exact or transformed copy in train_paths; file_hashes: known SHA-1s."""
     test_paths = list(test_paths)
     hashes, signatures = load_signatures(data_dir, test_paths + list(train_paths), cache_dir,
                                          file_hashes)
