@@ -553,10 +553,9 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
 
 
 def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None, file_hashes=None):
-    """test_paths with an exact or transformed copy in train_paths; file_hashes: known SHA-1s."""
-    test_paths = list(test_paths)
-    hashes, signatures = load_signatures(data_dir, test_paths + list(train_paths), cache_dir,
-                                         file_hashes)
+    """test_paths with an exact or transformed copy in train_paths; file_hashes: {path: SHA-1}."""
+    test_paths, train_paths = list(test_paths), list(train_paths)
+    hashes, signatures = load_signatures(data_dir, test_paths + train_paths, cache_dir, file_hashes)
     pairs = find_pairs(hashes, signatures[:len(test_paths)], signatures[len(test_paths):])
     return {test_paths[i] for i, _ in pairs}
 
@@ -593,8 +592,7 @@ def run_audit(data_dir, out_dir, cache_dir=None):
 def assign_groups_to_parts(group_labels, group_sizes, fractions, seed):
     """Part index of each group, stratified by label: within a label the groups go in seeded
     random order, each to the part furthest below its target (fraction x the label's images)."""
-    rng = np.random.default_rng(seed)
-    part_of_group = [0] * len(group_labels)
+    rng, part_of_group = np.random.default_rng(seed), [0] * len(group_labels)
     for label in sorted(set(group_labels)):
         groups = [g for g, lab in enumerate(group_labels) if lab == label]
         total, filled = sum(group_sizes[g] for g in groups), [0] * len(fractions)
