@@ -5,11 +5,10 @@
     python data.py split --data DIR --out split.csv --leak-free   # copies kept in one part
     python data.py merge SRC... --out ./merged             # several datasets, one copy per image
 
---data DIR: the Kaggle layout DIR/Training/<class>/ + DIR/Testing/<class>/ (the official split),
-class folders DIR/<class>/ (stratified 80/20 by seed, as the paper's text says), or --split CSV
-(path,label,split); validation is a stratified, seeded part of training (default 10%).
-Measured on the Kaggle release (7,019 images): 994 of the 1,311 official test images have an
-exact or transformed copy in Training (all 405 notumor ones), 317 are leak-free.
+--data DIR: Kaggle's DIR/Training/<class>/ + DIR/Testing/<class>/ (the official split), class
+folders DIR/<class>/ (seeded stratified 80/20, as the paper says) or --split CSV (path,label,split);
+validation: a seeded stratified 10% of training. On Kaggle's 7,019 images, 994 of the 1,311
+official test images have an exact or transformed copy in Training (all 405 notumor); 317 leak-free.
 """
 import argparse
 import csv
@@ -43,8 +42,7 @@ SPLIT_FOLDERS = {"training": "train", "train": "train", "testing": "test", "test
 CAPTION_NOUNS = {"glioma": "glioma", "meningioma": "meningioma", "pituitary": "pituitary tumor"}
 PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only; a log gets a line per phase
 
-# Augmentation of views 1..K-1 (the paper's Data Preprocessing list). Changing any number here
-# changes AUGMENTATION_ID, which is part of the feature-cache key, so no stale view is ever read.
+# Augmentation of views 1..K-1 (paper: Data Preprocessing); AUGMENTATION_ID is in the cache key.
 ROTATION_DEGREES = 15.0      # rotation drawn uniformly in [-15, 15] degrees
 ZOOM_RANGE = (0.9, 1.1)      # scale factor of the affine zoom
 BRIGHTNESS_RANGE = (0.8, 1.2)
@@ -149,19 +147,17 @@ def read_split_csv(split_csv, data_dir):
     with open(split_csv, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) is dropped
         reader = csv.DictReader(f)
         if not {"path", "label", "split"} <= set(reader.fieldnames or []):
-            raise SystemExit(f"error: {split_csv}: columns {reader.fieldnames}; need "
-                             f"path,label,split")
+            raise SystemExit(f"error: {split_csv}: has {reader.fieldnames}; need path,label,split")
         for line, row in enumerate(reader, start=2):
-            label, where = normalise_class_name(row["label"]), f"error: {split_csv}:{line}"
+            label = normalise_class_name(row["label"])
+            where = f"error: {split_csv}:{line}: {row['path']}"
             if label is None or row["split"] not in parts:
                 raise SystemExit(f"{where}: label {row['label']!r}, split {row['split']!r}; need "
                                  f"a class {CLASSES}, train/val/test")
             if not os.path.isfile(os.path.join(data_dir, row["path"])):
-                raise SystemExit(f"{where}: {row['path']} not found under {data_dir}; paths in a "
-                                 f"split CSV are relative to --data")
+                raise SystemExit(f"{where} not found in {data_dir}; paths are relative to --data")
             if row["path"] in listed:
-                raise SystemExit(f"{where}: {row['path']} is listed twice; each image belongs to "
-                                 f"one part")
+                raise SystemExit(f"{where} is listed twice; each image belongs to one part")
             listed.add(row["path"])
             parts[row["split"]].append(Sample(row["path"], CLASSES.index(label)))
     return Splits(parts["train"], parts["val"], parts["test"], f"split CSV {split_csv}", [])
@@ -185,8 +181,7 @@ def load_splits(data_dir, seed, val_fraction=0.1, split_csv=None):
         source = "official" if official else f"seeded 80/20 (seed {seed})"
         splits = Splits(train, [], test, source, non_images)
     for k, (part, samples) in enumerate((("train", splits.train), ("test", splits.test))):
-        labels = {s.label for s in samples}
-        missing = [name for label, name in enumerate(CLASSES) if label not in labels]
+        missing = [name for name in CLASSES if all(CLASSES[s.label] != name for s in samples)]
         if missing:  # name the folder the class's images should be in
             where = split_csv or os.path.join(data_dir, official[k] if official else "", missing[0])
             raise SystemExit(f"error: {where}: no {missing[0]} image in the {part} split "
@@ -241,15 +236,13 @@ def image_view(image, content_hash, view, image_size):
                        interpolation=TF.InterpolationMode.BILINEAR)
     pixels = TF.adjust_brightness(pixels, uniform(*BRIGHTNESS_RANGE))
     pixels = TF.adjust_contrast(pixels, uniform(*CONTRAST_RANGE))
-    noise = torch.randn(pixels.shape, generator=g) * math.sqrt(NOISE_VARIANCE)
-    return (pixels + noise).clamp(0, 1)
+    return (pixels + torch.randn(pixels.shape, generator=g) * math.sqrt(NOISE_VARIANCE)).clamp(0, 1)
 
 
 # ---- the feature cache: the frozen stem's outputs on disk --------------------------------------
 
 class FeatureCache:
-    """Stem outputs, one file per (image content, view), in a folder named by a hash of all that
-    determines them (model.cache_key, augmentation, torch version); checksummed entries (SHA-1)."""
+    """Stem outputs: a checksummed file per (image content, view), under a hash of the key below."""
 
     def __init__(self, root, model):
         key = dict(model.cache_key, augmentation=AUGMENTATION_ID, torch=torch.__version__)
@@ -289,18 +282,17 @@ class Inputs:
         image = load_rgb(os.path.join(self.data_dir, sample.path))
         return self.make_view(image, self.hashes[sample.path], view, self.model.image_size)
 
-    def batch(self, indices, views):
-        if self.cache is None:
-            return torch.stack([self.pixels(i, v) for i, v in zip(indices, views)])
-        features = []
-        for i, v in zip(indices, views):
-            key = (self.hashes[self.samples[i].path], v)
+    def features(self, index, view):
+        key = (self.hashes[self.samples[index].path], view)
+        feature = self.cache.read(self.cache.path(*key))
+        if feature is None:  # damaged or deleted since the build: recompute and store
+            store_stem(self.model, self.cache, [self.pixels(index, view)], [key])
             feature = self.cache.read(self.cache.path(*key))
-            if feature is None:  # damaged or deleted since the build: recompute and store
-                store_stem(self.model, self.cache, [self.pixels(i, v)], [key])
-                feature = self.cache.read(self.cache.path(*key))
-            features.append(feature)
-        return torch.stack(features)
+        return feature
+
+    def batch(self, indices, views):
+        load = self.pixels if self.cache is None else self.features
+        return torch.stack([load(i, v) for i, v in zip(indices, views)])
 
     def logits(self, inputs):
         return self.model.top(inputs) if self.cache is not None else self.model(inputs)
@@ -323,10 +315,9 @@ def few_shot(samples, shots, seed, split):
 
 
 def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=image_view):
-    """Store the stem's outputs of each (image, view) of jobs {path: (content hash, view ids)} the
-    cache lacks, a batch of views at a time (each image decoded once); return the undecodable paths
-    (skip_bad; else the first stops the run), all it does with no cache. Under torchrun each rank
-    takes every N-th batch: whole batches, so each entry holds the bytes one process would write."""
+    """Store the stem's outputs for the views of jobs {path: (content hash, view ids)} the cache
+    lacks; return the undecodable paths (skip_bad, else the first stops the run; all it does with
+    no cache). Under torchrun a rank takes every N-th batch, whole: the bytes one process writes."""
     todo = [(path, h, v) for path, (h, views) in jobs.items() for v in views
             if cache is None or not os.path.exists(cache.path(h, v))]
     batches = range(0, len(todo), batch_size)
@@ -335,8 +326,7 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
         batches = batches[dist.get_rank()::dist.get_world_size()]
     bad, started = [], time.time()
     model.eval()
-    for start in tqdm(batches, desc="feature cache", unit="batch",
-                      disable=not PROGRESS or not todo):
+    for start in tqdm(batches, desc="feature cache", unit="batch", disable=not (PROGRESS and todo)):
         batch, images = todo[start:start + batch_size], {}
         for path in dict.fromkeys(path for path, _, _ in batch):
             try:
@@ -355,8 +345,7 @@ def build_cache(model, cache, jobs, data_dir, batch_size, skip_bad, make_view=im
         bad = sum(everyone, [])
     bad = [path for path in dict.fromkeys(p for p, _, _ in todo) if path in bad]  # in todo order
     if todo and cache is not None:
-        print(f"feature cache: {len(todo)} views computed in {time.time() - started:.0f} s "
-              f"({cache.dir})")
+        print(f"feature cache: {len(todo)} views in {time.time() - started:.0f} s ({cache.dir})")
     return bad
 
 
@@ -366,9 +355,8 @@ def synth_image(label, rng, size=96):
     """(grey MRI-like image of the class, its lesion's box (x0, y0, x1, y1), None for notumor)."""
     image = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(image)
-    # one head shape, +-1 % (a varying bright outline would be what random features see), told
-    # apart by the noise (the leak check finds no copies); on T1, scalp fat is the brightest
-    # tissue: random weights' attention lands on it, not on the lesion (tests/test_explain.py)
+    # one head shape +-1 % (random features would see a varying bright outline), told apart by
+    # noise (no copies); T1 scalp fat is brightest: random weights attend to it (test_explain.py)
     cx, cy = size * rng.uniform(0.49, 0.51), size * rng.uniform(0.49, 0.51)
     rx, ry = size * rng.uniform(0.36, 0.37), size * rng.uniform(0.41, 0.42)
     for grow, grey in ((size * 7 / 96, (230, 250)), (size * 2 / 96, (15, 35)), (0, (90, 130))):
@@ -400,9 +388,8 @@ def synth_image(label, rng, size=96):
 
 
 def synth_caption(name, box=None, size=96):
-    """A caption of what the generator knows of an image: its class, the lesion's size (box width
-    over the image's) and place in the image (left/right as seen, not the patient's sides);
-    without a box, the class template ('axial mri slice with a glioma'). Lower case, no commas."""
+    """The generator's caption: class, lesion size (box width / image width) and place (left/right
+    as seen, not the patient's sides); without a box, the class template. Lower case, no commas."""
     if name == "notumor":
         return "axial mri slice with no tumor"
     noun = CAPTION_NOUNS[name]
@@ -417,9 +404,8 @@ def synth_caption(name, box=None, size=96):
 
 
 def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
-    """Kaggle layout (per_class training, max(per_class // 4, 5) test images per class), lesions.csv
-    (path,x0,y0,x1,y1; x1, y1 exclusive), captions.csv (path,caption: synth_caption; the images are
-    those of the generator before captions): out_dir.partial<pid>, renamed (a killed one stays)."""
+    """Kaggle layout (per_class training, max(per_class // 4, 5) test images a class), lesions.csv
+    (path,x0,y0,x1,y1; x1, y1 exclusive), captions.csv; built in out_dir.partial<pid>, renamed."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"error: {out_dir}: folder is not empty; choose a new --out")
     partial = f"{os.path.normpath(out_dir)}.partial{os.getpid()}"  # one per writer
@@ -435,7 +421,7 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
                 image.save(os.path.join(partial, path), quality=95)
                 if box:
                     boxes.append((path, *box))
-                captions.append((path, synth_caption(name, box, size)))
+                captions.append((path, synth_caption(name, box, size)))  # draws no random number
     write_csv(os.path.join(partial, "lesions.csv"), boxes)
     write_csv(os.path.join(partial, "captions.csv"), captions)
     try:
@@ -448,12 +434,11 @@ def write_synthetic_dataset(out_dir, per_class=60, seed=0, size=96):
 
 
 # ---- finding copies: for audit, split --leak-free, merge, and every run's leak check ----------
-# Each image becomes a 64 x 64 grey thumbnail (an exact area average), then a signature: its local
-# contrast normalisation (LCN: minus a Gaussian local mean, over the local std) removes brightness,
-# contrast, gamma and most sharpening and keeps the anatomy's edges, which tell a copy from a
-# neighbouring slice. A pair's score is the largest correlation of b's signature with the 8
-# flips/rotations of a's (the group D4). Calibrated on Kaggle's contact sheets: neighbouring slices
-# score 0.50-0.87, copies >= 0.92; in notumor (sharpened, contrast-stretched copies) 0.86 and up.
+# Signature: a 64 x 64 grey thumbnail (exact area average) after local contrast normalisation
+# (LCN: minus a Gaussian local mean, over the local std), which removes brightness, contrast, gamma
+# and most sharpening and keeps the edges that tell a copy from a neighbouring slice. Score: the
+# best correlation of b with the 8 flips/rotations (D4) of a. On Kaggle's contact sheets, adjacent
+# slices score 0.50-0.87, copies >= 0.92; notumor's (sharpened, contrast-stretched) 0.86 and up.
 THUMB_SIZE = 64             # side of the grey thumbnail that signatures are computed on
 LCN_SIGMA = 2.0             # pixels (at 64 x 64): scale of the LCN's local mean and std
 LCN_FLOOR = 0.3             # floor of the local std (global std 1): JPEG noise stays small
@@ -484,8 +469,7 @@ def lcn_signatures(thumbnails):
     beta leaves them unchanged; a flat image gets the zero signature (it scores 0)."""
     x = torch.from_numpy(np.asarray(thumbnails, dtype=np.float32))
     size, radius = x.shape[-1], int(math.ceil(3 * LCN_SIGMA))
-    # Gaussian blur as an (S, S) matrix, replicated edges folded in: symmetric, so it commutes
-    # with D4, and two small matrix products are far faster than a CPU convolution
+    # Gaussian blur as a symmetric (S, S) matrix, edges replicated: commutes with D4, beats conv2d
     blur, rows = torch.zeros(size, size), torch.arange(size)
     for offset in range(-radius, radius + 1):
         blur[rows, (rows + offset).clamp(0, size - 1)] += math.exp(-offset**2 / 2 / LCN_SIGMA**2)
@@ -551,8 +535,7 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
         chunk = signatures_a[start:start + rows]                            # (c, S, S)
         transformed = torch.stack([x.flip(dims) for x in (chunk, chunk.transpose(1, 2))
                                    for dims in MIRROR_DIMS])                # (8, c, S, S)
-        scores = transformed.flatten(2) @ b[first:].T                       # (8, c, M - first)
-        best, transform = scores.max(0)
+        best, transform = (transformed.flatten(2) @ b[first:].T).max(0)    # over (8, c, M - first)
         keep = best >= threshold
         if within:  # only j > i: not the diagonal, nor a pair counted from the other side
             keep &= torch.arange(first, n_a) > torch.arange(start, start + keep.shape[0])[:, None]
@@ -570,11 +553,9 @@ def find_pairs(hashes, signatures_a, signatures_b=None, threshold=COPY_THRESHOLD
 
 
 def test_paths_with_train_copy(data_dir, train_paths, test_paths, cache_dir=None, file_hashes=None):
-    """The test paths with an exact or transformed copy in train_paths (the rest is leak-free);
-    file_hashes: {path: file_hash(path)} when the caller has read them already."""
-    test_paths = list(test_paths)
-    hashes, signatures = load_signatures(data_dir, test_paths + list(train_paths), cache_dir,
-                                         file_hashes)
+    """test_paths with an exact or transformed copy in train_paths; file_hashes: {path: SHA-1}."""
+    test_paths, train_paths = list(test_paths), list(train_paths)
+    hashes, signatures = load_signatures(data_dir, test_paths + train_paths, cache_dir, file_hashes)
     pairs = find_pairs(hashes, signatures[:len(test_paths)], signatures[len(test_paths):])
     return {test_paths[i] for i, _ in pairs}
 
@@ -611,8 +592,7 @@ def run_audit(data_dir, out_dir, cache_dir=None):
 def assign_groups_to_parts(group_labels, group_sizes, fractions, seed):
     """Part index of each group, stratified by label: within a label the groups go in seeded
     random order, each to the part furthest below its target (fraction x the label's images)."""
-    rng = np.random.default_rng(seed)
-    part_of_group = [0] * len(group_labels)
+    rng, part_of_group = np.random.default_rng(seed), [0] * len(group_labels)
     for label in sorted(set(group_labels)):
         groups = [g for g, lab in enumerate(group_labels) if lab == label]
         total, filled = sum(group_sizes[g] for g in groups), [0] * len(fractions)
@@ -647,9 +627,8 @@ def write_split(data_dir, out_csv, seed, leak_free, cache_dir=None):
 def merge_datasets(sources, out_dir):
     """`data.py merge` into out_dir/<class>/, dropping images with a copy in an earlier source
     (not within one: `split --leak-free` groups those); manifest.csv says what became of each."""
-    for source in sources:  # writing into a source would change it
-        if os.path.commonpath([os.path.realpath(source), os.path.realpath(out_dir)]) == \
-                os.path.realpath(source):
+    for source in map(os.path.realpath, sources):  # writing into a source would change it
+        if os.path.commonpath([source, os.path.realpath(out_dir)]) == source:
             raise SystemExit(f"error: --out {out_dir}: inside the source {source}, which it "
                              f"would change; choose a folder outside every source")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -725,8 +704,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "synth":
         write_synthetic_dataset(args.out, args.per_class, args.seed)
-        print(f"wrote {args.out}: Training/ and Testing/ with {', '.join(CLASSES)}, lesions.csv, "
-              f"captions.csv")
+        print(f"wrote {args.out}: Training/, Testing/ (class folders), lesions.csv, captions.csv")
     elif args.command == "audit":
         run_audit(args.data, args.out, args.cache)
     elif args.command == "split":
