@@ -47,10 +47,8 @@ LABEL_SMOOTHING = 0.1    # BLIP's LM loss (salesforce/BLIP med.py); transformers
                          # the config, where it defaults to 0, so it is set on the model below
 CLASS_TERMS = {"glioma": ("glioma",), "meningioma": ("meningioma",),  # words naming a class
                "notumor": ("no tumor", "no tumour", "normal"), "pituitary": ("pituitary",)}
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BERT's, then BLIP's
-                                                                          # caption start
-# A tiny BLIP captioner for --demo and the tests (vision std 0.125 as blip_tumor.py's)
-TINY_WIDTH = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4}
+SPECIAL_TOKENS = blip_tumor.SPECIAL_TOKENS + ["[DEC]"]  # BERT's, then BLIP's caption start
+TINY_WIDTH = blip_tumor.TINY_WIDTH  # a tiny BLIP captioner for --demo and the tests, as BLIP's
 TINY_CONFIG = {"vision_config": {**TINY_WIDTH, "num_hidden_layers": 4, "image_size": 64,
                                  "patch_size": 8, "initializer_range": 0.125},
                "text_config": {**TINY_WIDTH, "num_hidden_layers": 2, "max_position_embeddings": 64,
