@@ -3,10 +3,9 @@
     python predict.py RUN NEW_SCANS        # RUN/predictions_NEW_SCANS.csv: path[,label],pred,p_<c>
     python predict.py RUN --explain --n 8  # RUN/explain/: overlays, explain.json (pointing game)
 
-For the runs of all four training scripts (caption_tumor.py's: captions, and the decoder's
-cross-attention at the class word). The script named in RUN/config.json rebuilds the model from
-the run's options, loads best.pt and takes the run's own path (a cached stem's output rounded to
-fp16, as cached), so on its test images this gives predictions.csv exactly (tested).
+Any training script's run (a captioner's: captions, and cross-attention at the class word). Its
+script rebuilds the model from RUN/config.json, loads best.pt and takes the run's own path (the
+stem's output rounded to fp16, as cached): on its test images, predictions.csv exactly (tested).
 
 Maps, hand-written and checked: Grad-CAM (= pytorch-grad-cam, 1e-4) on a CNN's last stage or the
 tokens entering a ViT's last block; attention rollout (attentions = transformers', 1e-5), a ViT's
@@ -98,8 +97,7 @@ def decode_images(paths, root=""):
 
 @torch.no_grad()
 def run_probabilities(model, options, pixels):
-    """(B, C) probabilities of view-0 pixels (B, 3, S, S) along the run's own path: a cached run
-    read the stem's output from the cache, stored in fp16, so it is rounded the same way here."""
+    """(B, C) probabilities of pixels (B, 3, S, S) along the run's path (cached: stem in fp16)."""
     pixels = pixels.to(model.mean.device)
     logits = model(pixels) if options.no_cache else model.top(model.stem(pixels).half().float())
     if not torch.isfinite(logits).all():  # never served: NaN probabilities
@@ -126,8 +124,7 @@ def predict_folder(model, options, script, folder, out):
                            if pixels and not captioner else []):
             rows.append([path, folder_label(path) or "", model.class_names[p.argmax()],
                          *(f"{x:.6f}" for x in p.tolist())])
-    rows += [[path, "", "undecodable"] + [""] * (not captioner and model.n_classes)
-             for path in bad]
+    rows += [[path, "", "undecodable"] + [""] * (not captioner and model.n_classes) for path in bad]
     labelled = [row for row in rows if row[1]]  # a label column only when there are class folders
     header = ["path", "label"] + (["caption"] if captioner else
                                   ["pred"] + [f"p_{name}" for name in model.class_names])
@@ -149,12 +146,11 @@ def run_keeping(model, images, layers):
     """(model(images), [for each (module, where) of layers: its output, or its first input])."""
     captured = []
 
-    def keep_input(module, args, kwargs):  # hidden_states: maybe a keyword in transformers' BLIP
-        captured.append(args[0] if args else kwargs["hidden_states"])
+    def keeper(where):  # hidden_states: maybe a keyword in transformers' BLIP
+        return lambda module, args, kwargs, output: captured.append(
+            output if where == "output" else args[0] if args else kwargs["hidden_states"])
 
-    handles = [module.register_forward_hook(lambda module, args, output: captured.append(output))
-               if where == "output" else
-               module.register_forward_pre_hook(keep_input, with_kwargs=True)
+    handles = [module.register_forward_hook(keeper(where), with_kwargs=True)
                for module, where in layers]
     try:
         return model(images), captured
@@ -214,9 +210,8 @@ def attention_rollout(model, images):
 
 
 def pointing_game(maps, boxes, brain_masks, tolerance):
-    """(hit rate, chance) of maps (H, W) with lesion boxes (x0, y0, x1, y1; x1, y1 exclusive) and
-    brain masks at the maps' pixels. Hit: the map's first (row-major) maximum is in the box grown
-    by tolerance pixels. chance: the share of brain pixels in that box, a random brain point's."""
+    """(hit rate, chance) of maps (H, W), boxes (x0, y0, x1, y1; x1, y1 exclusive), brain masks:
+    a hit when the map's first maximum is in the box grown by tolerance; chance: a brain pixel's."""
     hits, chances = [], []
     for heat, (x0, y0, x1, y1), brain in zip(maps, boxes, brain_masks, strict=True):
         rows, cols = np.indices(heat.shape)                              # (H, W) each
