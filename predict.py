@@ -242,8 +242,7 @@ def plot_explanation(image, heat, title, path, box=None):
 
 
 def read_lesion_boxes(csv_path):
-    """{image path: (x0, y0, x1, y1)} of a CSV path,x0,y0,x1,y1 like lesions.csv: pixels of the
-    image file, x1 and y1 exclusive, paths relative to the folder the images are under."""
+    """{path: (x0, y0, x1, y1)} of a CSV path,x0,y0,x1,y1: image file pixels, x1, y1 exclusive."""
     boxes, line = {}, 1
     try:
         with open(csv_path, newline="") as f:
