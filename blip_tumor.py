@@ -143,7 +143,7 @@ def random_blip(**config):
 
 
 def write_tiny_weights(folder, make=lambda: random_blip(**TINY_CONFIG)):
-    """folder, with make()'s random model and processor (seed 0), for --weights (--demo, tests)."""
+    """make()'s random model and processor (seed 0) saved in folder for --weights (--demo)."""
     torch.manual_seed(0)
     for part in make():
         part.save_pretrained(folder)

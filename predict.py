@@ -4,8 +4,8 @@
     python predict.py RUN --explain --n 8  # RUN/explain/: overlays, explain.json (pointing game)
 
 Any training script's run (a captioner's: captions, and cross-attention at the class word). Its
-script rebuilds the model from RUN/config.json, loads best.pt and takes the run's own path (the
-stem's output rounded to fp16, as cached): on its test images, predictions.csv exactly (tested).
+script rebuilds the model from RUN/config.json, loads best.pt and takes the run's own path (stem
+output rounded to fp16, as cached): on its test images this gives predictions.csv exactly (tested).
 
 Maps, checked: Grad-CAM (= pytorch-grad-cam, 1e-4); attention rollout (attentions = transformers',
 1e-5), a ViT's default: it hits the demo lesions (CLIP 0.956 vs Grad-CAM 0.289, chance 0.188).
@@ -208,7 +208,7 @@ def attention_rollout(model, images):
 
 def pointing_game(maps, boxes, brain_masks, tolerance):
     """(hit rate, chance) of maps (H, W), boxes (x0, y0, x1, y1; x1, y1 exclusive), brain masks:
-    a hit when the map's first maximum is in the box grown by tolerance; chance: a brain pixel's."""
+    a hit: the map's first maximum in the box grown by tolerance; chance: a random brain pixel's."""
     hits, chances = [], []
     for heat, (x0, y0, x1, y1), brain in zip(maps, boxes, brain_masks, strict=True):
         rows, cols = np.indices(heat.shape)                              # (H, W) each
