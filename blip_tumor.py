@@ -4,11 +4,10 @@
     python blip_tumor.py --demo                           # offline: synthetic data, tiny model
     python blip_tumor.py --benchmark                      # speeds at full size, random weights
 
-clip_tumor.py's method on BLIP's ViT-B/16: the last 2 blocks, post-LayerNorm and vision_proj train;
-logits = scale x BLIP's ITC cosine(image, prompts through the frozen text encoder). `--head mlp`:
-the paper's code (768->512->4 on CLS); `--head itm`: its "cross-attention" (ITM match per prompt).
-`--benchmark` (224 px, one run, 2-core CPU, GEMM ~130 GFLOP/s): cached step (block 12 for CLS only)
-72.9 ms per image, full network 348.8 ms (4.8x). `--demo` (one thread): 85.0 % test accuracy, 12 s.
+clip_tumor.py's method on BLIP's ViT-B/16: logits = scale x ITC cosine(image, prompt), the text
+encoder frozen. `--head itm`: the paper's "cross-attention" (ITM match per prompt); `--head mlp`:
+its code (768->512->4 on CLS). `--benchmark` (224 px, 2-core CPU, GEMM ~130 GFLOP/s): 72.9 ms per
+image cached (block 12: CLS only), 348.8 ms full. `--demo` (1 thread): 85.0 % test accuracy, 12 s.
 """
 import os
 
@@ -41,10 +40,9 @@ TINY_CONFIG = {"vision_config": {**TINY_WIDTH, "num_hidden_layers": 4, "image_si
 # ---- model -------------------------------------------------------------------------------------
 
 def cls_only_layer(layer, tokens):
-    """layer(tokens)[:, :1] of a BlipEncoderLayer without attention dropout (a test checks 1e-5):
-    keys and values from all tokens, the query, attention output and MLP for CLS alone."""
-    attn = layer.self_attn
-    normed = layer.layer_norm1(tokens)                                   # (B, 1 + H*W, D)
+    """layer(tokens)[:, :1] of a BlipEncoderLayer without attention dropout, tokens (B, 1 + H*W, D):
+    keys and values from all tokens, the query, attention and MLP for CLS alone (tested to 1e-5)."""
+    attn, normed = layer.self_attn, layer.layer_norm1(tokens)
     query, keys, values = clip_tumor.fused_qkv(attn.qkv, attn.num_heads, normed, 1)
     attended = F.scaled_dot_product_attention(query, keys, values, scale=attn.scale)  # (B,nh,1,hd)
     cls = tokens[:, :1] + attn.projection(attended.transpose(1, 2).flatten(2))
@@ -94,21 +92,18 @@ class BLIPClassifier(clip_tumor.FrozenStem):
             self.head = nn.Sequential(nn.Linear(width, MLP_HIDDEN), nn.BatchNorm1d(MLP_HIDDEN),
                                       nn.ReLU(), nn.Linear(MLP_HIDDEN, self.n_classes))
         elif head == "itm":  # the text tower is kept only where the head reads it
-            self.text_encoder = blip.text_encoder                        # frozen, gradients pass
-            self.frozen_parts.append(self.text_encoder)
-            self.itm_head = blip.itm_head.requires_grad_(True)
+            self.text_encoder, self.itm_head = blip.text_encoder, blip.itm_head.requires_grad_(True)
+            self.frozen_parts.append(self.text_encoder)                  # frozen, gradients pass
 
     def stem(self, images):
-        """The frozen part, cached on disk: (B, 1 + H*W, D) tokens entering the trainable blocks,
-        or (B, 1, D), the final CLS token, when no block trains and the head reads only CLS."""
+        """The cached frozen part: (B, 1 + H*W, D) tokens entering the top, or CLS (B, 1, D)."""
         x = self.vision.embeddings((images - self.mean) / self.std)
         for layer in self.stem_layers:
             x = layer(x)
         return x if len(self.top_layers) or self.head_type == "itm" else x[:, :1]
 
     def top(self, tokens):
-        """Stem tokens -> (B, C) logits; the last block runs for CLS alone (not for --head itm,
-        which cross-attends to every image token)."""
+        """Stem tokens -> (B, C) logits, the last block for CLS alone (itm: every token)."""
         for i, layer in enumerate(self.top_layers, start=1):
             cls_only = i == len(self.top_layers) and self.head_type != "itm"
             tokens = cls_only_layer(layer, tokens) if cls_only else layer(tokens)
@@ -148,8 +143,7 @@ def random_blip(**config):
 
 
 def write_tiny_weights(folder, make=lambda: random_blip(**TINY_CONFIG)):
-    """The tiny random model and processor make() gives (default: this BLIP), seed 0, saved for
-    --weights FOLDER (--demo, the tests); caption_tumor.py saves its captioner through it too."""
+    """make()'s random model and processor (seed 0) saved in folder for --weights (--demo)."""
     torch.manual_seed(0)
     for part in make():
         part.save_pretrained(folder)
@@ -160,20 +154,17 @@ def build_model(args):
     """BLIPClassifier on --weights, refused where weights the head reads would start random."""
     clip_tumor.set_seed(args.seed)
     head = "cosine" if args.epochs == 0 and args.head == "mlp" else args.head  # zero-shot
-    if args.benchmark:  # full-size BLIP ViT-B/16, random weights: nothing to download
-        return BLIPClassifier(*random_blip(), head, "blip-vit-b16", "random", args.image_size,
-                              args.trainable_blocks)
-    blip, processor = load_blip(BlipForImageTextRetrieval, args.weights, USED_WEIGHTS[head],
-                                f"--head {head}", WEIGHTS)
-    name = os.path.basename(os.path.normpath(args.weights))  # the folder's name, e.g. blip-tiny
-    return BLIPClassifier(blip, processor, head, name, args.weights, args.image_size,
+    weights = "random" if args.benchmark else args.weights  # benchmark: full size, no download
+    blip, processor = random_blip() if args.benchmark else load_blip(
+        BlipForImageTextRetrieval, weights, USED_WEIGHTS[head], f"--head {head}", WEIGHTS)
+    name = "blip-vit-b16" if args.benchmark else os.path.basename(os.path.normpath(weights))
+    return BLIPClassifier(blip, processor, head, name, weights, args.image_size,
                           args.trainable_blocks)
 
 
 def load_blip(model_class, weights, used, user, checkpoint):
-    """(model_class weights, processor) of a hub id or save_pretrained folder, refused when a
-    weight that `user` reads (names starting with `used`) is missing from it: it would start
-    random (e.g. an image-text retrieval checkpoint has no caption decoder)."""
+    """(model_class weights, processor) of a hub id or save_pretrained folder, refused if a weight
+    `user` reads (names starting with `used`) would start random (e.g. a caption decoder)."""
     path = os.path.expanduser(weights)
     try:
         blip, info = model_class.from_pretrained(path, output_loading_info=True)
@@ -183,9 +174,8 @@ def load_blip(model_class, weights, used, user, checkpoint):
                          f"save_pretrained folder or `hf download {checkpoint} --local-dir DIR`")
     new = sorted(key for key in info["missing_keys"] if key.startswith(used))
     if new:
-        raise SystemExit(f"error: --weights {weights}: {len(new)} weight(s) that {user} reads "
-                         f"are not in it and would start random: {', '.join(new[:10])}; use a "
-                         f"checkpoint such as {checkpoint}")
+        raise SystemExit(f"error: --weights {weights}: {len(new)} weight(s) {user} reads would "
+                         f"start random: {', '.join(new[:10])}; use e.g. {checkpoint}")
     return blip, processor
 
 
@@ -196,8 +186,7 @@ def build_parser():
     parser.add_argument("--weights", default=WEIGHTS, help="Hugging Face id or local folder")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="input size (paper 224)")
     parser.add_argument("--head", choices=["cosine", "mlp", "itm"], default="cosine", help="BLIP's "
-                        "ITC score (paper's method), MLP on CLS (paper's code) or ITM match logit; "
-                        "--epochs 0 (zero-shot) uses cosine for mlp")
+                        "ITC score (paper), MLP on CLS (its code) or ITM; --epochs 0 mlp: cosine")
     return parser
 
 

@@ -3,16 +3,12 @@
     python predict.py RUN NEW_SCANS        # RUN/predictions_NEW_SCANS.csv: path[,label],pred,p_<c>
     python predict.py RUN --explain --n 8  # RUN/explain/: overlays, explain.json (pointing game)
 
-Works for the runs of all four training scripts (caption_tumor.py's: captions, and the decoder's
-cross-attention at the class word). RUN/config.json names the script (`args.script`); its
-build_model rebuilds the model from the run's options, best.pt's weights are loaded and the run's
-own path is taken (a cached stem's output rounded to fp16, as the cache stores it), so on the
-run's test images this gives predictions.csv exactly (tested). No training script imports this.
+Any training script's run (a captioner's: captions, and cross-attention at the class word). Its
+script rebuilds the model from RUN/config.json, loads best.pt and takes the run's own path (stem
+output rounded to fp16, as cached): on its test images this gives predictions.csv exactly (tested).
 
-Maps, hand-written and checked: Grad-CAM (= pytorch-grad-cam, 1e-4) on a CNN's last stage or the
-tokens entering a ViT's last block; attention rollout (attentions = transformers', 1e-5). The
-default is the map that points at the lesions on the demo data: rollout for a ViT (demo CLIP
-0.956 vs Grad-CAM 0.289, chance 0.188), Grad-CAM for a CNN (which has no attention).
+Maps, checked: Grad-CAM (= pytorch-grad-cam, 1e-4); attention rollout (attentions = transformers',
+1e-5), a ViT's default: it hits the demo lesions (CLIP 0.956 vs Grad-CAM 0.289, chance 0.188).
 """
 import argparse
 import csv
@@ -28,11 +24,9 @@ import clip_tumor
 import data
 import stats
 
-SCRIPTS = {"clip": "clip_tumor", "blip": "blip_tumor", "cnn": "baselines",  # args.script: module
-           "caption": "caption_tumor"}
-# Pointing game tolerance: 15 pixels at 224 (Zhang et al. 2018), scaled with the input size: a map
-# made on patches and upsampled can peak about a patch off the lesion. `chance` uses the same grown
-# box, so the tolerance cannot flatter the comparison.
+SCRIPTS = dict(clip="clip_tumor", blip="blip_tumor", cnn="baselines", caption="caption_tumor")
+# Pointing game tolerance: 15 pixels at 224 (Zhang et al. 2018), scaled with the input size (an
+# upsampled patch map can peak a patch off the lesion); `chance` uses the same grown box.
 POINTING_TOLERANCE = 15 / 224
 BRAIN_THRESHOLD = 0.1          # grey in [0, 1] above which a pixel is brain (MRI background ~0)
 
@@ -88,8 +82,7 @@ def folder_label(path):
 
 
 def decode_images(paths, root=""):
-    """({path: RGB image} of the paths under root that decode, [the others]); each one skipped is
-    named in a note (view 0, the resized image, needs no content hash: no file hash is read)."""
+    """({path: RGB image} of the paths under root that decode, [the others, each noted])."""
     images, undecodable = {}, []
     for path in paths:
         try:
@@ -102,8 +95,7 @@ def decode_images(paths, root=""):
 
 @torch.no_grad()
 def run_probabilities(model, options, pixels):
-    """(B, C) probabilities of view-0 pixels (B, 3, S, S) along the run's own path: a cached run
-    read the stem's output from the cache, stored in fp16, so it is rounded the same way here."""
+    """(B, C) probabilities of pixels (B, 3, S, S) along the run's path (cached: stem in fp16)."""
     pixels = pixels.to(model.mean.device)
     logits = model(pixels) if options.no_cache else model.top(model.stem(pixels).half().float())
     if not torch.isfinite(logits).all():  # never served: NaN probabilities
@@ -115,8 +107,7 @@ def run_probabilities(model, options, pixels):
 # ---- new images --------------------------------------------------------------------------------
 
 def predict_folder(model, options, script, folder, out):
-    """CSV path[,label],pred,p_<class>... of every image under folder (label: class folders), or
-    path[,label],caption for a captioning run."""
+    """CSV path[,label],pred,p_<class>... (a captioner: path[,label],caption) of folder's images."""
     rows, bad, captioner = [], [], options.script == "caption"  # rows: path, label or "", ...
     paths = images_under(folder)
     for start in tqdm(range(0, len(paths), options.batch_size), desc="predict", leave=False,
@@ -131,8 +122,7 @@ def predict_folder(model, options, script, folder, out):
                            if pixels and not captioner else []):
             rows.append([path, folder_label(path) or "", model.class_names[p.argmax()],
                          *(f"{x:.6f}" for x in p.tolist())])
-    rows += [[path, "", "undecodable"] + [""] * (not captioner and model.n_classes)
-             for path in bad]
+    rows += [[path, "", "undecodable"] + [""] * (not captioner and model.n_classes) for path in bad]
     labelled = [row for row in rows if row[1]]  # a label column only when there are class folders
     header = ["path", "label"] + (["caption"] if captioner else
                                   ["pred"] + [f"p_{name}" for name in model.class_names])
@@ -151,16 +141,14 @@ def predict_folder(model, options, script, folder, out):
 # ---- explanation maps: Grad-CAM and attention rollout ------------------------------------------
 
 def run_keeping(model, images, layers):
-    """(model(images), [what layers saw, in call order]): for each (module, where) of layers, the
-    module's output, or its first input when where is "input"."""
+    """(model(images), [for each (module, where) of layers: its output, or its first input])."""
     captured = []
 
-    def keep_input(module, args, kwargs):  # hidden_states: maybe a keyword in transformers' BLIP
-        captured.append(args[0] if args else kwargs["hidden_states"])
+    def keeper(where):  # hidden_states: maybe a keyword in transformers' BLIP
+        return lambda module, args, kwargs, output: captured.append(
+            output if where == "output" else args[0] if args else kwargs["hidden_states"])
 
-    handles = [module.register_forward_hook(lambda module, args, output: captured.append(output))
-               if where == "output" else
-               module.register_forward_pre_hook(keep_input, with_kwargs=True)
+    handles = [module.register_forward_hook(keeper(where), with_kwargs=True)
                for module, where in layers]
     try:
         return model(images), captured
@@ -176,13 +164,11 @@ def patch_grid(tokens):
 
 
 def grad_cam(model, images, classes):
-    """(B, h, w) Grad-CAM (Selvaraju et al. 2017) of classes (B,) on images (B, 3, S, S):
-    A (B, K, h, w) = the activations model.explain_layer() names (a ViT: the patch tokens entering
-    its last block); w_k = mean over positions of d logit[class] / d A_k; map = ReLU(sum_k w_k A_k).
-    The full forward runs with images.requires_grad, so a frozen stem's A is in the graph."""
-    logits, captured = run_keeping(model, images.detach().requires_grad_(True),
-                                   [model.explain_layer()])
-    activations = captured[0]
+    """(B, h, w) Grad-CAM (Selvaraju et al. 2017) of classes (B,) on images (B, 3, S, S): with A
+    (B, K, h, w) the activations model.explain_layer() names, w_k = mean over positions of d logit /
+    d A_k, map = ReLU(sum_k w_k A_k). images require grad: a frozen stem's A is in the graph."""
+    logits, (activations,) = run_keeping(model, images.detach().requires_grad_(True),
+                                         [model.explain_layer()])
     gradients, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), activations)
     if activations.dim() == 3:  # ViT tokens
         activations, gradients = patch_grid(activations), patch_grid(gradients)
@@ -206,9 +192,8 @@ def attention_probabilities(block, tokens):
 
 @torch.no_grad()
 def attention_rollout(model, images):
-    """(B, h, w) attention rollout (Abnar & Zuidema 2020): per block the head-averaged attention
-    A (B, T, T), the residual added as (A + I) / 2 with rows renormalised, multiplied over the
-    blocks from the first; the map is the CLS row's weight on each patch."""
+    """(B, h, w) attention rollout (Abnar & Zuidema 2020): each block's head-averaged attention A
+    (B, T, T) as (A + I) / 2, rows renormalised, multiplied from the first; CLS's row on patches."""
     blocks = model.attention_blocks()
     if not blocks:
         raise SystemExit("error: --method rollout: this model has no attention blocks (a CNN); "
@@ -222,9 +207,8 @@ def attention_rollout(model, images):
 
 
 def pointing_game(maps, boxes, brain_masks, tolerance):
-    """(hit rate, chance) of maps (H, W) with lesion boxes (x0, y0, x1, y1; x1, y1 exclusive) and
-    brain masks at the maps' pixels. Hit: the map's first (row-major) maximum is in the box grown
-    by tolerance pixels. chance: the share of brain pixels in that box, a random brain point's."""
+    """(hit rate, chance) of maps (H, W), boxes (x0, y0, x1, y1; x1, y1 exclusive), brain masks:
+    a hit: the map's first maximum in the box grown by tolerance; chance: a random brain pixel's."""
     hits, chances = [], []
     for heat, (x0, y0, x1, y1), brain in zip(maps, boxes, brain_masks, strict=True):
         rows, cols = np.indices(heat.shape)                              # (H, W) each
@@ -236,9 +220,8 @@ def pointing_game(maps, boxes, brain_masks, tolerance):
 
 
 def plot_explanation(image, heat, title, path, box=None):
-    """PNG: the title over image (3, S, S) in [0, 1] and, beside it, the image under heat map
-    (S, S) (jet colours, min to max, 45 %) and the lesion box (x1, y1 exclusive), each at least
-    256 px. Drawn with PIL: a matplotlib figure takes 30x longer (0.15 s an overlay)."""
+    """PNG: title over image (3, S, S) in [0, 1] and the image under heat (S, S) (jet, 45 %) with
+    the lesion box, panels >= 256 px. PIL: a matplotlib figure takes 30x longer (0.15 s)."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
     picture = np.transpose(np.asarray(image, dtype=np.float64), (1, 2, 0))  # (S, S, 3)
@@ -259,8 +242,7 @@ def plot_explanation(image, heat, title, path, box=None):
 
 
 def read_lesion_boxes(csv_path):
-    """{image path: (x0, y0, x1, y1)} of a CSV path,x0,y0,x1,y1 like lesions.csv: pixels of the
-    image file, x1 and y1 exclusive, paths relative to the folder the images are under."""
+    """{path: (x0, y0, x1, y1)} of a CSV path,x0,y0,x1,y1: image file pixels, x1, y1 exclusive."""
     boxes, line = {}, 1
     try:
         with open(csv_path, newline="") as f:
@@ -307,9 +289,8 @@ def remove_earlier_maps(out_dir):
 
 
 def explain(model, options, script, args, out_dir):
-    """Heat maps of the predicted class for --n test images (explain_paths) or the images under
-    --images: overlays and explain.json in out_dir, with the pointing game where lesions are known
-    (lesions.csv beside the images, or --lesions)."""
+    """Heat maps of the predicted class for --n test images or those under --images: overlays and
+    explain.json in out_dir, the pointing game where lesions are known (lesions.csv, --lesions)."""
     root, size = args.images or options.data, model.image_size
     if not args.images and not os.path.isdir(root or ""):
         raise SystemExit(f"error: {root}: the run's data folder is gone; pass --images DIR (and "
@@ -340,13 +321,12 @@ def explain(model, options, script, args, out_dir):
     else:
         method = args.method or ("rollout" if model.attention_blocks() else "gradcam")
         explained, device = "predicted class", model.mean.device
-        probs = run_probabilities(model, options, pixels)                # (N, C)
-        classes = probs.argmax(1)
+        confidences, classes = run_probabilities(model, options, pixels).max(1)  # (N,) each
         maps = [grad_cam(model, batch.to(device), batch_classes.to(device))
                 if method == "gradcam" else attention_rollout(model, batch.to(device))
                 for batch, batch_classes in zip(batches, classes.split(options.batch_size))]
         preds = [model.class_names[c] for c in classes]
-        said = [f"p = {p:.3f}" for p in probs.max(1).values.tolist()]
+        said = [f"p = {p:.3f}" for p in confidences.tolist()]
     maps = torch.nn.functional.interpolate(torch.from_numpy(np.concatenate(maps))[:, None].float(),
                                            size=size, mode="bilinear")[:, 0].numpy()
     remove_earlier_maps(out_dir)
