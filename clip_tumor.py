@@ -175,8 +175,7 @@ class CLIPClassifier(FrozenStem):
         elif head == "fusion":  # one score per (image, class prompt) pair
             self.head = nn.Sequential(nn.Linear(2 * text.shape[1], MLP_HIDDEN), nn.ReLU(),
                                       nn.Linear(MLP_HIDDEN, 1))
-        # the stem's identity: the tower's printed architecture (activations included) and its
-        # frozen weights; the head is not in visual, so every head shares one cache
+        # the stem's identity (the head is not in visual: every head shares one cache)
         self.cache_key = {"model": name, "weights": weights, "stem_blocks": split,
                           "image_size": self.image_size, "mean": cfg["mean"], "std": cfg["std"],
                           "architecture": repr(visual), "frozen_digest": tensor_digest(
@@ -305,9 +304,8 @@ def build_model(args):
 # ---- adversarial examples: FGSM and PGD ---------------------------------------------------------
 
 def attack(model, images, labels, steps, step_size, radius):
-    """Adversarial copies of [0, 1] images (B, 3, S, S): `steps` signed-gradient steps of step_size
-    up the cross-entropy, each projected to the L-inf ball of `radius` and to [0, 1] (FGSM: one
-    step of eps). Eval mode, no random start: as torchattacks, which a test compares."""
+    """Adversarial copies of [0, 1] images (B, 3, S, S): `steps` signed-gradient steps up the loss,
+    each projected to the L-inf ball of `radius` and [0, 1]; as torchattacks (a test compares)."""
     was_training = model.training
     model.eval()
     adversarial = images.detach()
@@ -329,9 +327,8 @@ def attack_settings(args, method):
 
 
 def adversarial_view_maker(args, build_model, device, samples, hashes):
-    """(make_view, view id) for the cached path: that view is the plain one attacked once by the
-    starting model (the prompt head: no seed enters; a CNN's seeded new layer), cached by content
-    (so one label per content). Static: the paper attacks the current model (--no-cache)."""
+    """(make_view, view id): the cached path's adversarial view, the plain one attacked once by the
+    starting model (prompt head: no seed enters). Static: the paper's (--no-cache) is per batch."""
     labels = {hashes[s.path]: s.label for s in samples}
     conflicts = [s.path for s in samples if labels[hashes[s.path]] != s.label]
     if conflicts:
@@ -374,10 +371,9 @@ def attacked_accuracy(model, test_inputs, args):
 
 
 # ---- several processes: torchrun ---------------------------------------------------------------
-# `torchrun --nproc_per_node N SCRIPT.py ...` starts N ranks. Each builds the same seeded model,
-# computes its share of the cache (data.build_cache), takes every N-th image of each global batch
-# and DDP averages the gradients; rank 0 alone writes the run folder, prints, and evaluates.
-# Without torchrun (no WORLD_SIZE) none of this runs: rank 0 of 1, no wrapper.
+# `torchrun --nproc_per_node N SCRIPT.py ...`: N ranks build the same seeded model, each its share
+# of the cache and every N-th image of a global batch; DDP averages the gradients; rank 0 alone
+# writes, prints and evaluates. Without torchrun (no WORLD_SIZE) none of this runs.
 
 def init_distributed(device):
     """This rank, after joining torchrun's group if any (gloo on CPU, NCCL with a GPU per rank). A
@@ -407,9 +403,8 @@ class Logits(nn.Module):  # DDP syncs what runs through forward(); the cached pa
 
 
 def data_parallel(inputs):
-    """The step's logits: inputs.logits, under torchrun through DDP (a static graph: some weights
-    unused, e.g. CLIP's projection by the mlp head). BatchNorm syncs on GPU only (SyncBatchNorm):
-    on CPU each rank normalises its own slice."""
+    """The step's logits: inputs.logits, under torchrun through DDP (static graph: some weights go
+    unused). BatchNorm syncs on GPU only (SyncBatchNorm); on CPU each rank normalises its slice."""
     if not dist.is_initialized():
         return inputs.logits
     if inputs.model.mean.is_cuda:
@@ -418,9 +413,8 @@ def data_parallel(inputs):
 
 
 def rank_slice(indices, labels, class_weight):
-    """(this rank's images of a global batch, its loss factor): DDP averages gradients, so a rank's
-    mean loss is scaled by N x its share of the batch's weight (images, or their class weights),
-    exact for ragged slices too."""
+    """(this rank's images of a global batch, its loss factor): DDP averages gradients, so N x its
+    share of the batch's weight (images, or class weights) makes even ragged slices exact."""
     rank, world = rank_and_world()
     weight = lambda y: len(y) if class_weight is None else class_weight[y].sum().item()
     mine = indices[rank::world]
@@ -511,10 +505,9 @@ def accuracy_and_loss(inputs, batch_size):
 
 def train(model, train_inputs, select_inputs, args, out_dir, checkpoint=None, view_ids=None,
           batch_loss=None, select=None):
-    """The training loop: AdamW, warm-up and warm restarts, the best epoch by the selection split's
-    score (a tie to the lower loss), each image's view drawn from view_ids every epoch. The
-    captioner passes batch_loss(batch, indices) -> loss and select(inputs) -> ("cider", score,
-    loss) for the classifier's loss and accuracy."""
+    """The training loop: AdamW, warm-up and warm restarts, each image's view drawn from view_ids
+    every epoch, the best epoch by the selection split's accuracy (a tie: the lower loss). The
+    captioner passes its own batch_loss(batch, indices) and select(inputs) -> ("cider", ...)."""
     device = model.mean.device
     params = [p for p in model.parameters() if p.requires_grad]  # no weight decay for gains,
     optimizer = torch.optim.AdamW([  # biases and the logit scale, as open_clip's training
@@ -704,9 +697,8 @@ def write_config(args, model, splits, split, bad, out_dir):
 
 
 def start_run(args, build_model, out_dir, recorded):
-    """(device, checkpoint, splits, {part: {path: SHA-1}}, {path: SHA-1}, model) of a run about to
-    start, every input checked (on --resume the checkpoint and the images, recorded), nothing
-    written yet."""
+    """(device, checkpoint, splits, {part: {path: SHA-1}}, {path: SHA-1}, model): every input of a
+    run checked (on --resume the checkpoint and the images, recorded), nothing written yet."""
     checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
     checkpoint = load_checkpoint(checkpoint_path) if args.resume and os.path.isfile(
         checkpoint_path) else None
