@@ -284,8 +284,8 @@ def load_clip(model_name, pretrained, activation=None):
                          f"({problem})" if local_file else
                          f"error: cannot obtain the weights '{pretrained}' of {model_name} "
                          f"({problem}). Offline? Run once online (cached in ~/.cache/huggingface)"
-                         f", pass a downloaded file (--pretrained FILE), a hub model's folder "
-                         f"(--model local-dir:D), or random weights (--pretrained none).")
+                         f", or pass --pretrained /path/to/open_clip_pytorch_model.bin, a hub "
+                         f"model's folder (--model local-dir:D) or --pretrained none (random).")
     if local_file or from_hub:
         weights = f"file:{tensor_digest(model.visual.parameters())[:16]}"
     return model, tokenizer, weights or "none"
