@@ -573,8 +573,7 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
     axes.set(yticks=range(len(class_names)), yticklabels=class_names, xlabel="Predicted class",
              ylabel="True class", title=f"test accuracy {accuracy(y_test, y_pred):.4f}")
     figure.savefig(os.path.join(out_dir, "confusion_matrix.png"), dpi=150)
-    reliability = os.path.join(out_dir, "reliability.png")  # before and after, if calibrated
-    plot_reliability(y_test, test_probs, calibrated_probs, reliability)
+    plot_reliability(y_test, test_probs, calibrated_probs, os.path.join(out_dir, "reliability.png"))
     if history:  # loss and accuracy per epoch: training (augmented views) and selection split
         figure, panels = _new_figure(10, 4, columns=2)
         epochs = [row["epoch"] for row in history]
@@ -776,17 +775,16 @@ def main(argv=None):
         command.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     compared = args.command == "compare"
-    run_b_name = os.path.basename(os.path.normpath(getattr(args, "run_b", "")))
-    json_path = args.out or (os.path.join(args.run_a, f"compare_{run_b_name}.json")
-                             if compared else None)
-    if json_path:  # the one input check: an output is never replaced without --overwrite
-        check_new_output(json_path, args.overwrite)
+    if compared and not args.out:  # beside run A, named after run B
+        args.out = os.path.join(args.run_a, f"compare_{pathlib.Path(args.run_b).name}.json")
+    if args.out:  # the one input check: an output is never replaced without --overwrite
+        check_new_output(args.out, args.overwrite)
     result = (compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples, args.seed)
               if compared else summarize_runs(args.runs))
     print(format_comparison(result) if compared else format_summary(result))
-    if json_path:
-        write_json(result, json_path)
-        print(f"\nwrote {json_path}")
+    if args.out:
+        write_json(result, args.out)
+        print(f"\nwrote {args.out}")
     return result
 
 
