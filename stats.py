@@ -178,23 +178,21 @@ def metrics_dict(y_true, y_pred, probs, class_names):
     counts = confusion_matrix(y_true, y_pred, n_classes)
     negatives = len(y_true) - support  # images of the other classes, TN + FP, one vs rest
     specificity = _safe_divide(negatives - (counts.sum(axis=0) - np.diag(counts)), negatives)
-    per_class = {name: {"precision": precision[c], "recall": recall[c], "f1": f1[c],
-                        "support": support[c], "sensitivity": recall[c],
-                        "specificity": specificity[c]} for c, name in enumerate(class_names)}
+    per_class = {"precision": precision, "recall": recall, "f1": f1, "support": support,
+                 "sensitivity": recall, "specificity": specificity}  # each (C,)
     result = {"n": len(y_true), "accuracy": accuracy(y_true, y_pred),
               "macro_f1": macro_average(f1, support),
               "weighted_f1": _safe_divide(f1 @ support, support.sum()),
               "macro_precision": macro_average(precision, support),
-              "macro_recall": macro_average(recall, support),
-              "per_class": per_class, "confusion_matrix": counts}
+              "macro_recall": macro_average(recall, support), "confusion_matrix": counts}
     if probs is not None:
-        roc_auc, result["macro_roc_auc"] = roc_auc_ovr(y_true, probs)
-        pr_auc, result["macro_pr_auc"] = average_precision(y_true, probs)
-        for c, name in enumerate(class_names):
-            per_class[name].update(roc_auc=roc_auc[c], pr_auc=pr_auc[c])
+        per_class["roc_auc"], result["macro_roc_auc"] = roc_auc_ovr(y_true, probs)
+        per_class["pr_auc"], result["macro_pr_auc"] = average_precision(y_true, probs)
         if n_classes > 2:
             result["top2_accuracy"] = top_k_accuracy(y_true, probs, k=2)
         result["ece"] = expected_calibration_error(y_true, probs)
+    result["per_class"] = {name: {metric: values[c] for metric, values in per_class.items()}
+                           for c, name in enumerate(class_names)}
     return _to_json(result)
 
 
