@@ -429,7 +429,7 @@ RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "ch
 @contextlib.contextmanager
 def run_folder(out_dir, overwrite, resume):
     """with run_folder(...): the run. Refuse out_dir while another live run holds its .lock (a pid),
-    or with RUN_FILES but no --resume or --overwrite (moves them to replaced/ till the run ends)."""
+    or with RUN_FILES but no --resume or --overwrite (moves them to replaced/ till it completes)."""
     lock, replaced = os.path.join(out_dir, ".lock"), os.path.join(out_dir, "replaced")
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
         pid = int(pathlib.Path(lock).read_text())
@@ -588,8 +588,8 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
 def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, history,
                calibrate_on_val=False, notes=""):
     """Adds to metrics (the run's facts so far) metrics_dict and mean cross-entropy of each split
-    in outputs {split: (logits (N, C), labels (N,))}, of the test images without a copy in training
-    (leaky: the paths with one) and the calibration fitted on validation; writes the run folder."""
+    in outputs {split: (logits (N, C), labels (N,))}, of the test images not in leaky (paths with
+    a copy in training) and the calibration fitted on validation; writes the run folder, prints."""
     test_logits, y_test = outputs["test"]
     keep = np.array([path not in leaky for path in test_paths])
     if leaky and keep.any():
