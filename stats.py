@@ -32,8 +32,7 @@ ECE_BINS = 15              # equal-width confidence bins of the expected calibra
 
 # ---- classification metrics from hard predictions ----------------------------------------------
 
-def _safe_divide(numerator, denominator):
-    """numerator / denominator elementwise, 0.0 where the denominator is 0 (zero_division=0)."""
+def _safe_divide(numerator, denominator):  # elementwise; 0 where denominator is 0 (zero_division=0)
     numerator, denominator = np.asarray(numerator, float), np.asarray(denominator, float)
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
 
@@ -77,8 +76,7 @@ def top_k_accuracy(y_true, probs, k):
 
 # ---- ranking metrics from probabilities: one-vs-rest ROC AUC and average precision -------------
 
-def _one_vs_rest(y_true, probs, area):
-    """area(is class c, probs[:, c]) per class, NaN for a class absent from y_true, and the mean."""
+def _one_vs_rest(y_true, probs, area):  # area(is c, probs[:, c]) per class (NaN: absent), the mean
     per_class = np.full(probs.shape[1], np.nan)
     for c in np.unique(y_true):
         per_class[c] = area(y_true == c, probs[:, c])
@@ -180,40 +178,36 @@ def metrics_dict(y_true, y_pred, probs, class_names):
     counts = confusion_matrix(y_true, y_pred, n_classes)
     negatives = len(y_true) - support  # images of the other classes, TN + FP, one vs rest
     specificity = _safe_divide(negatives - (counts.sum(axis=0) - np.diag(counts)), negatives)
-    per_class = {name: {"precision": precision[c], "recall": recall[c], "f1": f1[c],
-                        "support": support[c], "sensitivity": recall[c],
-                        "specificity": specificity[c]} for c, name in enumerate(class_names)}
+    per_class = {"precision": precision, "recall": recall, "f1": f1, "support": support,
+                 "sensitivity": recall, "specificity": specificity}  # each (C,)
     result = {"n": len(y_true), "accuracy": accuracy(y_true, y_pred),
               "macro_f1": macro_average(f1, support),
               "weighted_f1": _safe_divide(f1 @ support, support.sum()),
               "macro_precision": macro_average(precision, support),
-              "macro_recall": macro_average(recall, support),
-              "per_class": per_class, "confusion_matrix": counts}
+              "macro_recall": macro_average(recall, support), "confusion_matrix": counts}
     if probs is not None:
-        roc_auc, result["macro_roc_auc"] = roc_auc_ovr(y_true, probs)
-        pr_auc, result["macro_pr_auc"] = average_precision(y_true, probs)
-        for c, name in enumerate(class_names):
-            per_class[name].update(roc_auc=roc_auc[c], pr_auc=pr_auc[c])
+        per_class["roc_auc"], result["macro_roc_auc"] = roc_auc_ovr(y_true, probs)
+        per_class["pr_auc"], result["macro_pr_auc"] = average_precision(y_true, probs)
         if n_classes > 2:
             result["top2_accuracy"] = top_k_accuracy(y_true, probs, k=2)
         result["ece"] = expected_calibration_error(y_true, probs)
+    result["per_class"] = {name: {metric: values[c] for metric, values in per_class.items()}
+                           for c, name in enumerate(class_names)}
     return _to_json(result)
 
 
 def classification_report(y_true, y_pred, class_names):
     """Text in the layout of the paper's Tables 3-4; Macro Avg over the classes present (noted)."""
     precision, recall, f1, support = precision_recall_f1(y_true, y_pred, len(class_names))
-    scores = np.stack([precision, recall, f1])  # (3, C)
+    scores, n = np.stack([precision, recall, f1]), len(y_true)  # (3, C), images
     width = max(len("Overall Accuracy"), *(len(name) for name in class_names))
     row = f"{{:<{width}}}  {{:>9}}  {{:>6}}  {{:>8}}  {{:>7}}".format
+    cells = lambda values: [f"{value:.2f}" for value in values]
     lines = [row("Class", "Precision", "Recall", "F1-score", "Support")]
-    for c, name in enumerate(class_names):
-        lines.append(row(name, *(f"{score:.2f}" for score in scores[:, c]), support[c]))
-    macro = [f"{score:.2f}" for score in macro_average(scores, support)]
-    weighted = [f"{score:.2f}" for score in scores @ _safe_divide(support, support.sum())]
-    overall = f"{accuracy(y_true, y_pred):.2f}"
-    lines += [row("Overall Accuracy", "", "", overall, len(y_true)),
-              row("Macro Avg", *macro, len(y_true)), row("Weighted Avg", *weighted, len(y_true))]
+    lines += [row(name, *cells(scores[:, c]), support[c]) for c, name in enumerate(class_names)]
+    lines += [row("Overall Accuracy", "", "", *cells([accuracy(y_true, y_pred)]), n),
+              row("Macro Avg", *cells(macro_average(scores, support)), n),
+              row("Weighted Avg", *cells(scores @ _safe_divide(support, support.sum())), n)]
     absent = [name for name, count in zip(class_names, support) if count == 0]
     if absent:
         lines.append(f"Macro Avg is over the classes present; no true image of {', '.join(absent)}")
@@ -228,13 +222,12 @@ def mcnemar(correct_a, correct_b, continuity_correction=True):
     only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
     exact_p, chi2, chi2_p = 1.0, 0.0, 1.0  # never disagreeing: no evidence either way
     if only_a + only_b > 0:
-        exact_p = scipy_stats.binomtest(only_a, only_a + only_b, p=0.5).pvalue
+        exact_p = float(scipy_stats.binomtest(only_a, only_a + only_b, p=0.5).pvalue)
         chi2 = (abs(only_a - only_b) - float(continuity_correction)) ** 2 / (only_a + only_b)
-        chi2_p = scipy_stats.chi2.sf(chi2, df=1)
+        chi2_p = float(scipy_stats.chi2.sf(chi2, df=1))
     return {"both_correct": int(np.sum(correct_a & correct_b)), "only_a_correct": only_a,
             "only_b_correct": only_b, "both_wrong": int(np.sum(~correct_a & ~correct_b)),
-            "mcnemar_exact_p": float(exact_p), "mcnemar_chi2": float(chi2),
-            "mcnemar_chi2_p": float(chi2_p)}
+            "mcnemar_exact_p": exact_p, "mcnemar_chi2": chi2, "mcnemar_chi2_p": chi2_p}
 
 
 def bootstrap_ci(samples, statistic, method=CI_METHOD, n_resamples=N_RESAMPLES, seed=SEED,
@@ -288,10 +281,9 @@ def _ngrams(words, n):  # Counter of the 1- to n-grams (tuples) of a list of wor
 
 
 def bleu(candidates, references, n=4):
-    """[BLEU-1, ..., BLEU-n] of the corpus (Papineni et al. 2002): n-gram matches (clipped at the
-    most any one reference has) and n-grams summed over all images, geometric mean of precisions
-    1..k, times exp(1 - r / c) when c, the candidates' words, is below r, the sum over images of
-    the reference length closest to the candidate's (a tie: the shorter; pycocoevalcap's)."""
+    """[BLEU-1, ..., BLEU-n] of the corpus (Papineni et al. 2002): geometric mean of the n-gram
+    precisions 1..k (clipped at the most one reference has) times exp(1 - r / c) if c, the words of
+    all candidates, < r, the closest reference lengths summed (ties: shorter, as pycocoevalcap)."""
     correct, guessed, length, reference_length = np.zeros(n), np.zeros(n), 0, 0
     for candidate, refs in zip(candidates, references, strict=True):
         words, ref_words = candidate.split(), [ref.split() for ref in refs]
@@ -319,9 +311,8 @@ def _lcs_length(a, b):  # length of the longest common subsequence of two word l
 
 
 def rouge_l(candidates, references, beta=1.2):
-    """Mean over images of ROUGE-L (Lin 2004) as pycocoevalcap: P and R = the longest common
-    subsequence over the candidate's and the reference's length, the best of each over the
-    references, F = (1 + beta^2) P R / (R + beta^2 P), 0 when P or R is 0."""
+    """ROUGE-L (Lin 2004) as pycocoevalcap: mean over images of (1 + beta^2) P R / (R + beta^2 P),
+    P, R = longest common subsequence / candidate, reference length, each best over references."""
     scores = []
     for candidate, refs in zip(candidates, references, strict=True):
         words = candidate.split()
@@ -334,11 +325,9 @@ def rouge_l(candidates, references, beta=1.2):
 
 
 def cider_d(candidates, references, n=4, sigma=6.0):
-    """CIDEr-D (Vedantam et al. 2015) as pycocoevalcap's Cider: TF-IDF vectors of 1..n-grams with
-    IDF log(images / images whose references hold the n-gram, at least 1); per n, the cosine of
-    candidate and reference with the candidate's weights clipped at the reference's, times
-    exp(-delta^2 / (2 sigma^2)) for delta the difference in length (counted in bigrams, as
-    pycocoevalcap does); mean over n and references, x 10, mean over images."""
+    """CIDEr-D (Vedantam et al. 2015) as pycocoevalcap's Cider: 10 x the mean over n = 1..n and the
+    references of the cosine of TF-IDF n-gram vectors (the candidate's clipped at the reference's)
+    times exp(-delta^2 / (2 sigma^2)), delta the length difference in bigrams; mean over images."""
     counted = [(_ngrams(c.split(), n), [_ngrams(r.split(), n) for r in refs])
                for c, refs in zip(candidates, references, strict=True)]
     documents = Counter(gram for _, refs in counted for gram in set().union(*refs))
@@ -378,13 +367,11 @@ def caption_class_accuracy(candidates, labels, class_terms):
 
 def _to_json(value):
     """Plain-Python copy of nested dicts, lists and NumPy values; NaN and +-inf become None."""
-    if isinstance(value, (np.ndarray, np.generic)):
-        value = value.tolist()  # NumPy array or scalar -> nested lists of bool, int, float
-    if isinstance(value, dict):
-        return {str(key): _to_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_json(item) for item in value]
-    return None if isinstance(value, float) and not np.isfinite(value) else value
+    def numpy_to_python(item):  # json.dumps calls it for what it cannot write itself
+        is_numpy = isinstance(item, (np.ndarray, np.generic))
+        return item.tolist() if is_numpy else json.JSONEncoder().default(item)  # the TypeError
+    return json.loads(json.dumps(value, default=numpy_to_python),
+                      parse_constant=lambda nan_or_inf: None)  # json.dumps wrote NaN, Infinity
 
 
 def atomic_write(path, write, mode="wb"):
@@ -424,8 +411,7 @@ def check_new_output(path, overwrite, option="--out"):
     if os.path.isdir(path):
         raise SystemExit(f"error: {option} {path}: is a folder; pass a file name")
     if os.path.exists(path) and not overwrite:
-        raise SystemExit(f"error: {path}: exists; pass --overwrite to replace it, or another "
-                         f"{option}")
+        raise SystemExit(f"error: {path}: exists; pass --overwrite to replace it or a new {option}")
 
 
 def write_json(obj, path):
@@ -442,9 +428,8 @@ RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "report.txt", "ch
 
 @contextlib.contextmanager
 def run_folder(out_dir, overwrite, resume):
-    """with run_folder(...): the run. Refuse out_dir while another live run holds out_dir/.lock
-    (its pid), or when it holds RUN_FILES without --overwrite or --resume; --overwrite moves them
-    to out_dir/replaced/, deleted once the run completes. Whatever the end, the lock goes."""
+    """with run_folder(...): the run. Refuse out_dir while another live run holds its .lock (a pid),
+    or with RUN_FILES but no --resume or --overwrite (moves them to replaced/ till it completes)."""
     lock, replaced = os.path.join(out_dir, ".lock"), os.path.join(out_dir, "replaced")
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
         pid = int(pathlib.Path(lock).read_text())
@@ -536,8 +521,7 @@ def check_same_split(recorded, split, run_dir):
         counts = ", ".join(f"{len(keys)} {change}" for change, keys in changes.items())
         examples = ", ".join("/".join(key) for key in sorted(set().union(*changes.values()))[:3])
         raise SystemExit(f"error: --resume {run_dir}: the dataset changed since the run started "
-                         f"({counts}: {examples}); pass the run's own images with --data, or "
-                         f"start a new run")
+                         f"({counts}: {examples}); pass its own images with --data, or start anew")
 
 
 def _new_figure(width=5.0, height=4.5, columns=1):
@@ -584,59 +568,51 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
         color = "white" if count > counts.max() / 2 else "black"
         axes.text(pred_class, true_class, str(count), ha="center", va="center", color=color)
     axes.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
-    axes.set_yticks(range(len(class_names)), class_names)
-    axes.set(xlabel="Predicted class", ylabel="True class",
-             title=f"test accuracy {accuracy(y_test, y_pred):.4f}")
+    axes.set(yticks=range(len(class_names)), yticklabels=class_names, xlabel="Predicted class",
+             ylabel="True class", title=f"test accuracy {accuracy(y_test, y_pred):.4f}")
     figure.savefig(os.path.join(out_dir, "confusion_matrix.png"), dpi=150)
-    reliability = os.path.join(out_dir, "reliability.png")  # before and after, if calibrated
-    plot_reliability(y_test, test_probs, calibrated_probs, reliability)
+    plot_reliability(y_test, test_probs, calibrated_probs, os.path.join(out_dir, "reliability.png"))
     if history:  # loss and accuracy per epoch: training (augmented views) and selection split
         figure, panels = _new_figure(10, 4, columns=2)
-        epochs = [entry["epoch"] for entry in history]
+        epochs = [row["epoch"] for row in history]
         train = "train (views, and their attacked copies 1:1)" if "exact" in metrics.get(
             "adversarial_training", "") else "train (augmented views)"
         for panel, metric in zip(panels, ("loss", "accuracy")):
             for key, label in (("train", train), ("select", "selection (view 0)")):
-                panel.plot(epochs, [entry[f"{key}_{metric}"] for entry in history], marker="o",
-                           label=label)
+                panel.plot(epochs, [row[f"{key}_{metric}"] for row in history], "o-", label=label)
             panel.set(xlabel="epoch", ylabel=metric)
             panel.legend()
         figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
 
 
-def evaluate(logits, y_true, class_names):
-    """metrics_dict of one split's logits (N, C), with its mean cross-entropy loss."""
-    log_probs = special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
-    loss = -float(np.mean(log_probs[np.arange(len(y_true)), y_true])) if len(y_true) else None
-    probs = np.exp(log_probs)
-    return dict(metrics_dict(y_true, probs.argmax(1), probs, class_names), loss=loss)
-
-
 def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, history,
                calibrate_on_val=False, notes=""):
-    """Adds to metrics (the run's facts so far) those of each split in outputs {split: (logits
-    (N, C), labels (N,))}, of the test images without a copy in training (leaky: the paths with
-    one) and the calibration fitted on validation; writes the run folder, prints the headline."""
-    for name, (logits, y_true) in outputs.items():
-        metrics[name] = evaluate(logits, y_true, class_names)
+    """Adds to metrics (the run's facts so far) metrics_dict and mean cross-entropy of each split
+    in outputs {split: (logits (N, C), labels (N,))}, of the test images not in leaky (paths with
+    a copy in training) and the calibration fitted on validation; writes the run folder, prints."""
     test_logits, y_test = outputs["test"]
     keep = np.array([path not in leaky for path in test_paths])
+    if leaky and keep.any():
+        outputs = outputs | {"test_leak_free": (test_logits[keep], y_test[keep])}
+    for name, (logits, y_true) in outputs.items():
+        log_probs = special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)  # (N, C)
+        loss = -float(np.mean(log_probs[np.arange(len(y_true)), y_true])) if len(y_true) else None
+        probs = np.exp(log_probs)
+        metrics[name] = dict(metrics_dict(y_true, probs.argmax(1), probs, class_names), loss=loss)
     metrics["n_test_with_train_copy"] = len(leaky)
     headline = f"test accuracy {metrics['test']['accuracy']:.4f}; {len(leaky)} of {len(keep)} " \
                f"test images have an exact or transformed copy in training"
-    if leaky and keep.any():
-        metrics["test_leak_free"] = dict(evaluate(test_logits[keep], y_test[keep], class_names),
-                                         n_test_with_train_copy=len(leaky))
+    if "test_leak_free" in outputs:
+        metrics["test_leak_free"]["n_test_with_train_copy"] = len(leaky)
         headline += f", on the other {keep.sum()} (copy-free, not patient-level: neighbouring " \
                     f"slices stay): {metrics['test_leak_free']['accuracy']:.4f}"
     if "test_fgsm" in metrics:
         fgsm, pgd = metrics["test_fgsm"], metrics["test_pgd"]
         headline += f"; under FGSM {fgsm['accuracy']:.4f}, PGD {pgd['accuracy']:.4f} (clean " \
                     f"{fgsm['clean_accuracy']:.4f} on those {fgsm['n_attacked']} images)"
-    calibrated = None
     if calibrate_on_val:  # temperature, class offsets and tumour threshold fitted on validation
         metrics["calibration"] = calibrate(*outputs["val"], test_logits, y_test, class_names)
-        calibrated = metrics["calibration"].pop("test_probs")
+    calibrated = metrics["calibration"].pop("test_probs") if calibrate_on_val else None
     header = f"{metrics['model']} seed {metrics['seed']}, best epoch {metrics['best_epoch']} " \
              f"chosen on the {metrics['selection']}\n{headline}\n{notes}"
     probs = special.softmax(np.asarray(test_logits, dtype=np.float64), axis=1)
@@ -797,17 +773,16 @@ def main(argv=None):
         command.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     compared = args.command == "compare"
-    run_b_name = os.path.basename(os.path.normpath(getattr(args, "run_b", "")))
-    json_path = args.out or (os.path.join(args.run_a, f"compare_{run_b_name}.json")
-                             if compared else None)
-    if json_path:  # the one input check: an output is never replaced without --overwrite
-        check_new_output(json_path, args.overwrite)
+    if compared and not args.out:  # beside run A, named after run B
+        args.out = os.path.join(args.run_a, f"compare_{pathlib.Path(args.run_b).name}.json")
+    if args.out:  # the one input check: an output is never replaced without --overwrite
+        check_new_output(args.out, args.overwrite)
     result = (compare_runs(args.run_a, args.run_b, args.ci_method, args.n_resamples, args.seed)
               if compared else summarize_runs(args.runs))
     print(format_comparison(result) if compared else format_summary(result))
-    if json_path:
-        write_json(result, json_path)
-        print(f"\nwrote {json_path}")
+    if args.out:
+        write_json(result, args.out)
+        print(f"\nwrote {args.out}")
     return result
 
 
