@@ -259,7 +259,7 @@ def write_run_files(out_dir, metrics, history, rows):
                    [("path", "reference", "generated")] + rows)
     keys = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "class_accuracy", "loss")
     lines = [f"{metrics['model']} --train {metrics['train_mode']}, seed {metrics['seed']}, best "
-             f"epoch {metrics['best_epoch']} of {metrics['epochs']} (validation CIDEr-D)", "",
+             f"epoch {metrics['best_epoch']} of {metrics['epochs']} ({metrics['selection']})", "",
              f"{'split':<6}" + "".join(f"{key:>15}" for key in keys)]
     lines += [f"{split:<6}" + "".join(f"{metrics[split][key]:>15.4f}" for key in keys)
               for split in ("train", "val", "test") if metrics[split]]
@@ -267,16 +267,8 @@ def write_run_files(out_dir, metrics, history, rows):
                                                                for path, ref, gen in rows[:12]]
     stats.atomic_write(os.path.join(out_dir, "report.txt"), lambda f: f.write("\n".join(lines)
                                                                               + "\n"), "w")
-    if history:  # loss per epoch (train: augmented views) and the selection split's CIDEr-D
-        figure, (losses, ciders) = stats._new_figure(10, 4, columns=2)
-        epochs = [entry["epoch"] for entry in history]
-        for key in ("train_loss", "select_loss"):
-            losses.plot(epochs, [entry[key] for entry in history], marker="o", label=key)
-        ciders.plot(epochs, [entry["select_cider"] for entry in history], marker="o")
-        losses.set(xlabel="epoch", ylabel="LM loss")
-        losses.legend()
-        ciders.set(xlabel="epoch", ylabel="selection CIDEr-D")
-        figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
+    if history:
+        stats.plot_curves(history, os.path.join(out_dir, "curves.png"), "cider", "train")
 
 
 def run_one(args, build_model, out_dir, recorded=None):

@@ -572,17 +572,24 @@ def write_run_folder(out_dir, metrics, history, test_paths, y_test, test_probs, 
              ylabel="True class", title=f"test accuracy {accuracy(y_test, y_pred):.4f}")
     figure.savefig(os.path.join(out_dir, "confusion_matrix.png"), dpi=150)
     plot_reliability(y_test, test_probs, calibrated_probs, os.path.join(out_dir, "reliability.png"))
-    if history:  # loss and accuracy per epoch: training (augmented views) and selection split
-        figure, panels = _new_figure(10, 4, columns=2)
-        epochs = [row["epoch"] for row in history]
-        train = "train (views, and their attacked copies 1:1)" if "exact" in metrics.get(
-            "adversarial_training", "") else "train (augmented views)"
-        for panel, metric in zip(panels, ("loss", "accuracy")):
-            for key, label in (("train", train), ("select", "selection (view 0)")):
+    if history:
+        plot_curves(history, os.path.join(out_dir, "curves.png"), "accuracy", "train (views, and "
+                    "their attacked copies 1:1)" if "exact" in metrics.get(
+                        "adversarial_training", "") else "train (augmented views)")
+
+
+def plot_curves(history, path, score, train_label="train (augmented views)"):
+    """curves.png: loss and score (accuracy; a captioner's: cider) per epoch of the training views
+    and the selection split (view 0), as far as history has them."""
+    figure, panels = _new_figure(10, 4, columns=2)
+    epochs = [row["epoch"] for row in history]
+    for panel, metric in zip(panels, ("loss", score)):
+        for key, label in (("train", train_label), ("select", "selection (view 0)")):
+            if f"{key}_{metric}" in history[0]:
                 panel.plot(epochs, [row[f"{key}_{metric}"] for row in history], "o-", label=label)
-            panel.set(xlabel="epoch", ylabel=metric)
-            panel.legend()
-        figure.savefig(os.path.join(out_dir, "curves.png"), dpi=120)
+        panel.set(xlabel="epoch", ylabel=metric)
+        panel.legend()
+    figure.savefig(path, dpi=120)
 
 
 def report_run(out_dir, metrics, outputs, test_paths, leaky, class_names, history,
