@@ -30,12 +30,9 @@ class CNNClassifier(clip_tumor.FrozenStem):
     """A timm model as a chain of stages (conv1 ... layer4, features.conv0 ... features.norm5)."""
 
     def __init__(self, network, train_from, name, weights, image_size):
-        super().__init__()
-        self.network, self.image_size = network, image_size  # timm's model, 4-class layer in place
-        self.class_names, self.n_classes = data.CLASSES, len(data.CLASSES)
         mean, std = network.pretrained_cfg["mean"], network.pretrained_cfg["std"]
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        super().__init__(mean, std, image_size)
+        self.network = network  # timm's model, its 4-class layer in place
         stages = []  # (name, module); plain lists: the stages are registered once, in network
         for child, module in network.named_children():
             if child in STAGE_CONTAINERS and isinstance(module, nn.Sequential):

@@ -53,18 +53,15 @@ class BLIPClassifier(clip_tumor.FrozenStem):
     """BLIP's vision tower split into a frozen stem and a trainable top, plus a head."""
 
     def __init__(self, blip, processor, head, name, weights, image_size, trainable_blocks):
-        super().__init__()
+        mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+        super().__init__(mean, std, image_size)
         vision = blip.eval().requires_grad_(False).vision_model  # what trains is switched on below
         embeddings, layers = vision.embeddings, vision.encoder.layers
         width = embeddings.embed_dim                                     # D
         assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout must be 0"
         if not 0 <= trainable_blocks <= len(layers):
             raise SystemExit(f"error: --trainable-blocks {trainable_blocks}: 0 to {len(layers)}")
-        self.class_names, self.n_classes = data.CLASSES, len(data.CLASSES)
-        self.head_type, self.image_size, self.vision = head, image_size, vision
-        mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.head_type, self.vision = head, vision
         # the position table resized once for image_size, by transformers' own bicubic code
         shape = (1, 1 + (image_size // embeddings.patch_size) ** 2, width)  # (1, 1 + H*W, D)
         table = embeddings.interpolate_pos_encoding(torch.zeros(shape), image_size, image_size)

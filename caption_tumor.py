@@ -63,15 +63,11 @@ class Captioner(clip_tumor.FrozenStem):
     vision encoder is frozen and is the feature cache's stem; its tokens are read from disk."""
 
     def __init__(self, blip, processor, train_part, name, weights, image_size):
-        super().__init__()
+        mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+        super().__init__(mean, std, image_size)
         self.blip, self.tokenizer, self.train_part = blip, processor.tokenizer, train_part
-        self.class_names, self.n_classes = data.CLASSES, len(data.CLASSES)
-        self.image_size = image_size
         vision, text = blip.vision_model, blip.config.text_config
         assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout must be 0"
-        mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         # the position table resized once for image_size, by transformers' own bicubic code
         embeddings = vision.embeddings
         shape = (1, 1 + (image_size // embeddings.patch_size) ** 2, embeddings.embed_dim)

@@ -114,8 +114,15 @@ def cls_only_block(block, tokens):
 
 
 class FrozenStem(nn.Module):
-    """Every model's base: self.frozen_parts stay in eval mode (no dropout, fixed BatchNorm) while
-    the model trains, as in the cached path, so the full forward (--no-cache) equals it."""
+    """Every model's base: its input normalisation, size and classes; self.frozen_parts stay in eval
+    mode (no dropout, fixed BatchNorm) while it trains, as in the cached path, which they equal."""
+
+    def __init__(self, mean, std, image_size, class_names=data.CLASSES):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.image_size, self.class_names = image_size, class_names
+        self.n_classes = len(class_names)
 
     def train(self, mode=True):
         super().train(mode)
@@ -130,8 +137,12 @@ class CLIPClassifier(FrozenStem):
 
     def __init__(self, clip_model, tokenizer, head, name, weights, trainable_blocks,
                  class_names=data.CLASSES):
-        super().__init__()
-        self.visual = visual = clip_model.visual  # the text tower is used below, then dropped
+        visual, cfg = clip_model.visual, __import__("open_clip").get_model_preprocess_cfg(
+            clip_model)  # mean and std
+        size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else \
+            visual.image_size
+        super().__init__(cfg["mean"], cfg["std"], size, tuple(class_names))
+        self.visual = visual  # the text tower is used below, then dropped
         self.trunk = getattr(visual, "trunk", None)  # timm's VisionTransformer, or None
         if self.trunk is not None and getattr(self.trunk, "global_pool", "") == "token":
             blocks, post = self.trunk.blocks, [self.trunk.norm, self.trunk.fc_norm, visual.head]
@@ -153,16 +164,10 @@ class CLIPClassifier(FrozenStem):
         root = self.trunk if self.trunk is not None else visual  # embeddings, blocks, post norm
         self.frozen_parts = [*self.stem_blocks, *(child for child in root.children() if not any(
             child is part for part in [blocks, getattr(visual, "transformer", 0), *post]))]
-        self.class_names, self.n_classes = tuple(class_names), len(class_names)
         with torch.no_grad():  # prompts are encoded once (in eval mode: no dropout) and kept fixed
             prompts = tokenizer([PROMPT.format(PROMPT_NAMES.get(c, c)) for c in class_names])
             text = F.normalize(clip_model.encode_text(prompts).float(), dim=-1)
         self.register_buffer("class_prompts", text)                      # (C, E)
-        cfg = __import__("open_clip").get_model_preprocess_cfg(clip_model)
-        self.image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) \
-            else visual.image_size
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1))
         self.head_type = head
         width = self.trunk.embed_dim if self.trunk is not None else visual.conv1.out_channels
         self.logit_scale = nn.Parameter(clip_model.logit_scale.detach().clone().float(),
