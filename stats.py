@@ -488,42 +488,6 @@ def run_config(run_dir):
                          f"folder made by a training script") from None
 
 
-def resume_options(args, changeable=("data", "cache_dir", "device", "epochs")):
-    """--resume RUN: (the run's own options but those in changeable that argv gave: a moved dataset
-    or cache, the machine, more epochs; the run's split). Other options given are named, ignored."""
-    if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-        raise SystemExit(f"error: --out {args.out}: a resumed run continues in its own folder, "
-                         f"{args.resume}; copy that folder to {args.out} first to continue there")
-    saved = run_config(args.resume)
-    if not saved["args"]:
-        raise SystemExit(f"error: --resume {args.resume}: no config.json there; pass a run "
-                         f"folder made by a training script")
-    given = {name: getattr(args, name) for name in args.given if name not in ("resume", "out")}
-    ignored = [f"--{name.replace('_', '-')} {value}" for name, value in given.items()
-               if name not in changeable and saved["args"].get(name) != value]
-    if ignored:
-        print(f"note: ignored with --resume (the run keeps its own options): {', '.join(ignored)}")
-    args = argparse.Namespace(**{**vars(args), **saved["args"], **{  # today's defaults fill gaps
-        name: value for name, value in given.items() if name in changeable},
-        "resume": args.resume, "out": args.resume, "given": args.given})
-    print(f"resuming {args.resume} with its own options ({args.epochs} epochs)")
-    return args, saved.get("split")
-
-
-def check_same_split(recorded, split, run_dir):
-    """--resume: refuse images that differ from those the run started with (recorded: its
-    config.json's split, {part: {path: SHA-1}}; a run older than this record has none)."""
-    old, new = ({(part, path): sha1 for part, files in record.items() for path, sha1 in
-                 files.items()} for record in (recorded or split, split))
-    changes = {"added": new.keys() - old.keys(), "removed": old.keys() - new.keys(),
-               "changed": {key for key in old.keys() & new.keys() if old[key] != new[key]}}
-    if any(changes.values()):
-        counts = ", ".join(f"{len(keys)} {change}" for change, keys in changes.items())
-        examples = ", ".join("/".join(key) for key in sorted(set().union(*changes.values()))[:3])
-        raise SystemExit(f"error: --resume {run_dir}: the dataset changed since the run started "
-                         f"({counts}: {examples}); pass its own images with --data, or start anew")
-
-
 def _new_figure(width=5.0, height=4.5, columns=1):
     """A matplotlib Figure (no pyplot global state; savefig picks the PNG canvas) and its Axes."""
     from matplotlib.figure import Figure
