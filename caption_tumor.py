@@ -11,7 +11,8 @@ captioning-base, 224 px, AdamW 1e-5, 15 epochs) on its teacher-forced LM loss an
 search; the ROCO study (2025) found full fine-tuning best, decoder-only (encoder frozen) close.
 Captions: DATA/captions.csv (path,caption) or --captions, else the class's template. Scores
 (stats.py, = pycocoevalcap): BLEU-1..4, ROUGE-L, CIDEr-D, and whether a caption names the class.
-Training is clip_tumor.py's loop and LR schedule (not MedBLIP's StepLR). Measured: see README.
+Training is clip_tumor.py's loop and LR schedule (not MedBLIP's StepLR). `--demo` (2-core CPU, one
+thread): class accuracy / BLEU-4 0.933 / 0.887 with --train decoder, 0.917 / 0.845 with full.
 """
 import argparse
 import csv

@@ -367,11 +367,13 @@ def caption_class_accuracy(candidates, labels, class_terms):
 
 def _to_json(value):
     """Plain-Python copy of nested dicts, lists and NumPy values; NaN and +-inf become None."""
-    def numpy_to_python(item):  # json.dumps calls it for what it cannot write itself
-        is_numpy = isinstance(item, (np.ndarray, np.generic))
-        return item.tolist() if is_numpy else json.JSONEncoder().default(item)  # the TypeError
-    return json.loads(json.dumps(value, default=numpy_to_python),
-                      parse_constant=lambda nan_or_inf: None)  # json.dumps wrote NaN, Infinity
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()  # NumPy array or scalar -> nested lists of bool, int, float
+    if isinstance(value, dict):
+        return {str(key): _to_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item) for item in value]
+    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 def atomic_write(path, write, mode="wb"):
