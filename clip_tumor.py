@@ -829,7 +829,10 @@ def run(args, build_model, script, one_run=None, epochs=EPOCHS):
     out_dir = args.out or f"runs/{name}-seed{args.seed}"
     if args.demo and not args.resume:  # the demo replaces its own earlier demo run only
         args.overwrite = args.overwrite or stats.run_config(out_dir)["args"].get("demo") is True
-    return (one_run or run_one)(args, build_model, out_dir, recorded)
+    try:
+        return (one_run or run_one)(args, build_model, out_dir, recorded)
+    except KeyboardInterrupt:  # before the folder was claimed (inside it, run_folder says more)
+        raise SystemExit("error: stopped (Ctrl-C) before the run began; nothing was written")
 
 
 # ---- benchmark ---------------------------------------------------------------------------------

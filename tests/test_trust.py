@@ -331,6 +331,19 @@ def test_a_run_stopped_during_the_cache_build_resumes(small_dir, tiny_clip_confi
     assert clip_tumor.main(["--resume", str(tmp_path / "r")])["epochs"] == 1
 
 
+def test_ctrl_c_before_the_run_folder_is_claimed_says_nothing_was_written(
+        small_dir, tiny_clip_config, tmp_path, monkeypatch):
+    """Ctrl-C while the images are hashed (before any file is written) ends with one line, no
+    traceback, and no run folder."""
+    def ctrl_c(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "file_hash", ctrl_c)
+    with pytest.raises(SystemExit, match=r"stopped \(Ctrl-C\) before the run began; nothing"):
+        run(small_dir, tiny_clip_config, tmp_path, "--epochs", "1", "--out", str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_diverged_or_damaged_run_never_serves_nan(small_dir, tiny_clip_config, tmp_path,
                                                     monkeypatch, one_thread):
     """An epoch whose validation loss is NaN was saved as best.pt; a damaged or truncated
