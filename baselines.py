@@ -87,6 +87,8 @@ def build_model(args):
     if name not in timm.list_models() + timm.list_pretrained():
         raise SystemExit(f"error: --model {args.model}: unknown; choose resnet50, densenet121, "
                          f"xception or a timm name (timm.list_pretrained(), e.g. resnet50.tv_in1k)")
+    if pretrained == "default":  # downloaded from the hub
+        clip_tumor.offline_unless_hub_answers()
     try:
         network = timm.create_model(name, pretrained=pretrained == "default")
     except OSError as error:  # offline (only a download reads a file here): where the weights are

@@ -163,6 +163,8 @@ def load_blip(model_class, weights, used, user, checkpoint):
     """(model_class weights, processor) of a hub id or save_pretrained folder, refused if a weight
     `user` reads (names starting with `used`) would start random (e.g. a caption decoder)."""
     path = os.path.expanduser(weights)
+    if not os.path.isdir(path):  # a hub id
+        clip_tumor.offline_unless_hub_answers()
     try:
         blip, info = model_class.from_pretrained(path, output_loading_info=True)
         processor = BlipProcessor.from_pretrained(path)

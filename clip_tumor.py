@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-import huggingface_hub
+import huggingface_hub.constants
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -242,6 +242,15 @@ class CLIPClassifier(FrozenStem):
         return scale * image @ self.class_prompts.t()                    # cosine head
 
 
+def offline_unless_hub_answers():
+    """Offline, the hub's client retries for ~25-50 s before it fails: if huggingface.co does not
+    answer in 3 s, it is told to use its cache alone (cached weights load, others fail at once)."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
 def load_clip(model_name, pretrained, activation=None):
     """open_clip model and tokenizer, with the activation the weights were trained with."""
     import open_clip
@@ -262,11 +271,8 @@ def load_clip(model_name, pretrained, activation=None):
     if weights and not local_file and weights not in tags:
         raise SystemExit(f"error: --pretrained {pretrained}: no such file, nor a tag of "
                          f"{model_name} ({', '.join(tags) or 'none'}); pass a file, a tag or none")
-    try:  # offline, the hub's client retries for ~50 s: if its host does not answer in 3 s, it
-        if weights and not local_file or model_name.startswith("hf-hub:"):  # uses its cache only
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError:
-        huggingface_hub.constants.HF_HUB_OFFLINE = True  # cached weights load, others fail at once
+    if weights and not local_file or model_name.startswith("hf-hub:"):
+        offline_unless_hub_answers()
     # OpenAI's weights were trained with QuickGELU; a tag says so itself, a local file cannot
     tag = weights if weights and not local_file else "openai"
     openai_gelu = open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu")

@@ -14,7 +14,7 @@
   --resume refuses another --out, fewer epochs and changed images, names ignored options, takes a
   moved --data; a NaN validation loss is never selected; damaged checkpoints stop, named; an
   unwritable cache stops before the claim, a full one is only read; --eps, --batch-size 1,
-  a missing --pretrained file and offline weights give one-line errors at once.
+  a missing --pretrained file and offline weights (CLIP, BLIP, timm) give one-line errors at once.
 """
 import argparse
 import csv
@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import open_clip
 import pytest
@@ -428,3 +429,17 @@ def test_eps_batch_size_and_weights_are_checked_early(small_dir, tiny_clip_confi
     with pytest.raises(SystemExit, match="cannot obtain the weights 'openai' of ViT-B-16"):
         clip_tumor.load_clip("ViT-B-16", "openai")
     assert huggingface_hub.constants.HF_HUB_OFFLINE
+    # BLIP's and timm's downloads too: at once (they had waited ~25 s for the hub's retries)
+    import blip_tumor
+    import baselines
+    from transformers import BlipForImageTextRetrieval
+    for load, message in ((lambda: blip_tumor.load_blip(
+            BlipForImageTextRetrieval, "Salesforce/blip-itm-base-coco", (), "", ""),
+            "cannot load BLIP"), (lambda: baselines.build_model(argparse.Namespace(
+                model="resnet50", pretrained="default", trainable_blocks=2, epochs=1, seed=0,
+                benchmark=False)), "cannot download resnet50")):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        started = time.time()
+        with pytest.raises(SystemExit, match=message):
+            load()
+        assert huggingface_hub.constants.HF_HUB_OFFLINE and time.time() - started < 5
