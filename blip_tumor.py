@@ -49,6 +49,13 @@ def cls_only_layer(layer, tokens):
     return cls + layer.mlp(layer.layer_norm2(cls))                       # (B, 1, D)
 
 
+def resize_positions(embeddings, image_size):
+    """BLIP's position table resized once for image_size, by transformers' own bicubic code."""
+    shape = (1, 1 + (image_size // embeddings.patch_size) ** 2, embeddings.embed_dim)  # (1, T, D)
+    table = embeddings.interpolate_pos_encoding(torch.zeros(shape), image_size, image_size)
+    embeddings.position_embedding = nn.Parameter(table.detach(), requires_grad=False)
+
+
 class BLIPClassifier(clip_tumor.FrozenStem):
     """BLIP's vision tower split into a frozen stem and a trainable top, plus a head."""
 
@@ -58,14 +65,11 @@ class BLIPClassifier(clip_tumor.FrozenStem):
         vision = blip.eval().requires_grad_(False).vision_model  # what trains is switched on below
         embeddings, layers = vision.embeddings, vision.encoder.layers
         width = embeddings.embed_dim                                     # D
+        resize_positions(embeddings, image_size)
         assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout must be 0"
         if not 0 <= trainable_blocks <= len(layers):
             raise SystemExit(f"error: --trainable-blocks {trainable_blocks}: 0 to {len(layers)}")
         self.head_type, self.vision = head, vision
-        # the position table resized once for image_size, by transformers' own bicubic code
-        shape = (1, 1 + (image_size // embeddings.patch_size) ** 2, width)  # (1, 1 + H*W, D)
-        table = embeddings.interpolate_pos_encoding(torch.zeros(shape), image_size, image_size)
-        embeddings.position_embedding = nn.Parameter(table.detach(), requires_grad=False)
         split = len(layers) - trainable_blocks  # trainable: the last blocks, post-LayerNorm, head
         self.stem_layers, self.top_layers = layers[:split], layers[split:].requires_grad_(True)
         vision.post_layernorm.requires_grad_(True)

@@ -66,14 +66,10 @@ class Captioner(clip_tumor.FrozenStem):
     def __init__(self, blip, processor, train_part, name, weights, image_size):
         mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
         super().__init__(mean, std, image_size)
-        self.blip, self.tokenizer, self.train_part = blip, processor.tokenizer, train_part
+        self.blip, self.tokenizer = blip, processor.tokenizer
         vision, text = blip.vision_model, blip.config.text_config
         assert vision.config.attention_dropout == 0, f"{name}: vision attention dropout must be 0"
-        # the position table resized once for image_size, by transformers' own bicubic code
-        embeddings = vision.embeddings
-        shape = (1, 1 + (image_size // embeddings.patch_size) ** 2, embeddings.embed_dim)
-        table = embeddings.interpolate_pos_encoding(torch.zeros(shape), image_size, image_size)
-        embeddings.position_embedding = nn.Parameter(table.detach())
+        blip_tumor.resize_positions(vision.embeddings, image_size)  # trains again with the encoder
         blip.text_decoder.label_smoothing = LABEL_SMOOTHING
         self.special = {"bos": text.bos_token_id, "sep": text.sep_token_id,
                         "pad": text.pad_token_id}

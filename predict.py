@@ -316,8 +316,9 @@ def explain(model, options, script, args, out_dir):
         maps, captions = zip(*(script.cross_attention_maps(model, batch, options)
                                for batch in batches))
         said = [caption for batch_captions in captions for caption in batch_captions]
-        preds = [next((c for c in model.class_names if any(f" {t} " in f" {caption} " for t in
-                       script.CLASS_TERMS[c])), "none") for caption in said]
+        named = [stats.named_classes(caption, [script.CLASS_TERMS[c] for c in model.class_names])
+                 for caption in said]  # the first class a caption names is its prediction
+        preds = [model.class_names[min(classes)] if classes else "none" for classes in named]
     else:
         method = args.method or ("rollout" if model.attention_blocks() else "gradcam")
         explained, device = "predicted class", model.mean.device

@@ -355,12 +355,17 @@ def cider_d(candidates, references, n=4, sigma=6.0):
     return float(np.mean(scores))
 
 
+def named_classes(caption, class_terms):
+    """{c: the caption says a phrase of class_terms[c] as whole words}, e.g. ("no tumor",) for c
+    = notumor (padded with spaces: "no tumors" does not name it)."""
+    return {c for c, terms in enumerate(class_terms)
+            if any(f" {term} " in f" {caption} " for term in terms)}
+
+
 def caption_class_accuracy(candidates, labels, class_terms):
-    """Share of captions naming their image's class and no other: class_terms[c] holds the
-    phrases (whole words) naming class c, e.g. ("no tumor",) for notumor; naming none is wrong."""
-    named = [{c for c, terms in enumerate(class_terms)  # padded: terms match whole words only
-              if any(f" {term} " in f" {text} " for term in terms)} for text in candidates]
-    return float(np.mean([found == {label} for found, label in zip(named, labels, strict=True)]))
+    """Share of captions naming their image's class and no other (naming none is wrong)."""
+    return float(np.mean([named_classes(text, class_terms) == {label}
+                          for text, label in zip(candidates, labels, strict=True)]))
 
 
 # ---- the run folder: metrics.json, predictions.csv, report.txt, figures ------------------------
